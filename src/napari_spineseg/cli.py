@@ -75,6 +75,113 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segmentation_jobs(inputs: Sequence[str], output: str | None) -> list[tuple[Any, Path]]:
+    """(volume, output path) for every study in ``inputs`` (DICOM directories may hold several)."""
+    from .io import default_output_path, read_volumes, volume_suffix
+
+    volumes = []
+    for item in inputs:
+        found = read_volumes(item)
+        volumes += [(v, len(found) > 1) for v in found]
+    out = Path(output).expanduser() if output else None
+    to_file = out is not None and volume_suffix(out) in (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".nhdr")
+    if to_file and len(volumes) > 1:
+        from .errors import InputError
+
+        raise InputError(f"{out}: {len(volumes)} studies need an output directory, not a file")
+    jobs = []
+    for volume, several in volumes:
+        if to_file:
+            jobs.append((volume, out))
+            continue
+        source = Path(volume.path)
+        if several or source.is_dir():
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in volume.name).strip("_") or "series"
+            directory = out or (source if source.is_dir() else source.parent)
+            jobs.append((volume, directory / f"{safe}_seg.nii.gz"))
+        else:
+            jobs.append((volume, default_output_path(source, out)))
+    return jobs
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .inference import Predictor, SegmentationSettings
+    from .io import write_labels, write_volume
+    from .orientation import Plane
+
+    settings = SegmentationSettings(
+        planes=Plane.parse(args.planes),
+        fusion=args.fusion,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        uncertainty=args.uncertainty_mode if args.uncertainty else None,
+        postprocess=not args.no_postprocess,
+    )
+    jobs = _segmentation_jobs(args.inputs, args.output)
+    predictor = Predictor(settings)
+    model = predictor.load(args.model)
+    print(f"model {model.metadata.name} on {predictor.device} ({predictor.precision})", file=sys.stderr)
+    failures = 0
+    for volume, output in jobs:
+        try:
+            with tqdm(total=100, desc=volume.name[:30], unit="%", leave=False, disable=args.quiet) as bar:
+                generator = predictor.run(volume)
+                while True:
+                    try:
+                        event = next(generator)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                    bar.n = round(100 * event.fraction)
+                    bar.set_postfix_str(event.plane or event.stage)
+                    bar.refresh()
+            write_labels(result.labels, output)
+            if args.uncertainty and result.uncertainty is not None:
+                uncertainty_path = Path(args.uncertainty)
+                if len(jobs) > 1:
+                    uncertainty_path = output.with_name(output.name.replace("_seg", "_uncertainty"))
+                write_volume(result.uncertainty, uncertainty_path)
+            print(f"{volume.name}: {result.seconds:.1f} s -> {output}")
+        except SpinesegError as error:
+            failures += 1
+            print(f"spineseg: error: {volume.name}: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .modelfile import list_models, user_model_dir
+
+    models = list_models()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": m.name,
+                        "source": m.source,
+                        "path": str(m.path),
+                        "error": m.error,
+                        "metadata": m.metadata.to_dict() if m.metadata else None,
+                    }
+                    for m in models
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    for m in models:
+        if m.metadata is None:
+            print(f"{m.name:28s} {m.source:8s} UNUSABLE: {m.error}")
+            continue
+        classes = ", ".join(c.name for c in m.metadata.classes[1:])
+        print(f"{m.name:28s} {m.source:8s} {m.metadata.architecture:14s} [{classes}]  {m.path}")
+    print(f"(user models: {user_model_dir()})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -93,6 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("paths", nargs="+", metavar="PATH", help="MHA/MHD, NIfTI, NRRD file or DICOM directory/file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(handler=cmd_info)
+
+    segment = commands.add_parser("segment", help="segment studies with a model (three planes, fused)")
+    segment.add_argument("inputs", nargs="+", metavar="INPUT", help="study files or DICOM directories")
+    segment.add_argument("-o", "--output", help="output file (one study) or directory; default <name>_seg.nii.gz")
+    segment.add_argument("--model", default="spineseg-default", help="model name or .safetensors path")
+    segment.add_argument("--planes", default="axial,coronal,sagittal", help="comma-separated planes")
+    segment.add_argument("--fusion", default="mean", choices=["mean", "weighted", "vote"])
+    segment.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    segment.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    segment.add_argument("--batch-size", type=int, default=16)
+    segment.add_argument("--uncertainty", metavar="PATH", help="also write a per-voxel uncertainty map")
+    segment.add_argument("--uncertainty-mode", default="disagreement", choices=["disagreement", "entropy"])
+    segment.add_argument("--no-postprocess", action="store_true", help="skip per-class post-processing")
+    segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    segment.set_defaults(handler=cmd_segment)
+
+    models = commands.add_parser("models", help="list bundled and user models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(handler=cmd_models)
 
     demo = commands.add_parser("demo", help="run the main job on the bundled sample study and model")
     demo.add_argument("--output-dir", default="demo-output", help="where the demo writes its files")

@@ -1,0 +1,389 @@
+"""Three-plane slice-wise inference with fusion, as a cancellable generator and a predictor object.
+
+For every chosen plane the study (in canonical orientation, see :mod:`slicing`) is streamed in
+batches of slices through the 2-D network; class probabilities are resampled back to the slice
+grid and accumulated *in place* into one fused accumulator (float16, background implicit), so
+three planes never hold three probability volumes.  The fused label map is taken back to the
+study's own voxels (lossless axis permutation/flips) and post-processed per class.
+
+    predictor = Predictor(SegmentationSettings(planes=ALL_PLANES, fusion="mean"))
+    predictor.load("spineseg-default")
+    result = predictor.predict(volume)            # or: for event in predictor.run(volume): ...
+    result.labels                                  # Volume on the study's grid (uint8/uint16)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+from .modelfile import DEFAULT_MODEL_NAME, LoadedModel, load_model
+from .orientation import ALL_PLANES, Plane
+from .postprocess import PostprocessConfig, postprocess_labels
+from .preprocess import PreprocessConfig, resample_back, resample_slices
+from .slicing import PreparedStudy, plane_pixel_spacing, plane_view, prepare_study, slice_batch
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+class FusionMode(str, Enum):
+    """How per-plane class probabilities become one label map."""
+
+    MEAN = "mean"  # mean probability (default)
+    WEIGHTED = "weighted"  # weighted mean, weights from the model file (or settings)
+    VOTE = "vote"  # majority vote of per-plane argmax (ties: mean probability)
+
+
+class UncertaintyMode(str, Enum):
+    ENTROPY = "entropy"  # normalised entropy of the fused probabilities (0..1)
+    DISAGREEMENT = "disagreement"  # fraction of planes whose argmax differs from the fused label
+
+
+def available_devices() -> list[str]:
+    """Devices this machine can run on, best first (``cpu`` always last)."""
+    import torch
+
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return [*devices, "cpu"]
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable explicit device is an InputError."""
+    device = (device or "auto").lower()
+    available = available_devices()
+    if device == "auto":
+        return available[0]
+    base = device.split(":")[0]
+    if base not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {device!r}: choose auto, cpu, cuda or mps")
+    if base not in available:
+        raise InputError(f"device {device!r} is not available here (available: {', '.join(available)})")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX)."""
+    import torch
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # pragma: no cover - platform probes
+            continue
+    return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` → ``bf16`` on CPUs with native bf16, ``fp16`` on CUDA, else ``fp32``."""
+    precision = (precision or "auto").lower()
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(f"unknown precision {precision!r}: choose auto, fp32, bf16 or fp16")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    if device == "cpu" and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
+
+
+@dataclass
+class SegmentationSettings:
+    """Run-time choices of a segmentation (the model file supplies everything else)."""
+
+    planes: Sequence[Plane | str] = ALL_PLANES
+    fusion: FusionMode | str = FusionMode.MEAN
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 16
+    uncertainty: UncertaintyMode | str | None = None
+    postprocess: bool = True
+    plane_weights: dict[str, float] | None = None  # overrides the model's weights for "weighted"
+
+    def __post_init__(self) -> None:
+        self.planes = tuple(dict.fromkeys(p if isinstance(p, Plane) else Plane.parse(str(p))[0] for p in self.planes))
+        if not self.planes:
+            raise InputError("choose at least one plane")
+        try:
+            self.fusion = FusionMode(self.fusion)
+        except ValueError:
+            raise InputError(f"unknown fusion {self.fusion!r}: choose mean, weighted or vote") from None
+        if self.uncertainty is not None:
+            try:
+                self.uncertainty = UncertaintyMode(self.uncertainty)
+            except ValueError:
+                raise InputError(f"unknown uncertainty {self.uncertainty!r}: choose entropy or disagreement") from None
+        if int(self.batch_size) < 1:
+            raise InputError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of a segmentation: ``done`` of ``total`` slices in ``plane``; ``fraction`` overall."""
+
+    stage: str  # "prepare", "plane", "fuse", "done"
+    plane: str | None = None
+    done: int = 0
+    total: int = 0
+    fraction: float = 0.0
+
+
+@dataclass
+class SegmentationResult:
+    """Label map (and optional uncertainty map) on the input study's voxel grid."""
+
+    labels: Volume
+    uncertainty: Volume | None = None
+    seconds: float = 0.0
+    model_name: str = ""
+    planes: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+
+
+class Predictor:
+    """Settings in the constructor, ``load(model)`` separately, then ``predict``/``run`` per study."""
+
+    def __init__(self, settings: SegmentationSettings | None = None) -> None:
+        self.settings = settings or SegmentationSettings()
+        self.model: LoadedModel | None = None
+        self.device = resolve_device(self.settings.device)
+        self.precision = resolve_precision(self.settings.precision, self.device)
+
+    # Model -------------------------------------------------------------------------------------
+    def load(self, model: str | Path | LoadedModel = DEFAULT_MODEL_NAME) -> LoadedModel:
+        """Load weights (to the CPU first), then move them to the device."""
+        import torch
+
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        network = loaded.network.eval()
+        if self.device != "cpu" or self.precision == "bf16":
+            network = network.to(device=self.device, memory_format=torch.channels_last)
+        self.model = LoadedModel(network, loaded.metadata, loaded.path)
+        return self.model
+
+    def _require_model(self) -> LoadedModel:
+        if self.model is None:
+            self.load()
+        assert self.model is not None
+        return self.model
+
+    # Running -----------------------------------------------------------------------------------
+    def predict(self, volume: Volume, cancel: threading.Event | None = None) -> SegmentationResult:
+        """Segment ``volume`` synchronously (drains :meth:`run`)."""
+        generator = self.run(volume, cancel)
+        while True:
+            try:
+                next(generator)
+            except StopIteration as stop:
+                return stop.value
+
+    def run(
+        self, volume: Volume, cancel: threading.Event | None = None
+    ) -> Generator[ProgressEvent, None, SegmentationResult]:
+        """Segment ``volume``, yielding :class:`ProgressEvent` after every batch.
+
+        Stops with :class:`Cancelled` at the next batch once ``cancel`` is set (or when the
+        consumer closes the generator); nothing is written by this method.
+        """
+        model = self._require_model()
+        metadata = model.metadata
+        settings = self.settings
+        planes = [p for p in settings.planes if p.value in metadata.planes] or list(settings.planes)
+        started = time.perf_counter()
+        _check_volume(volume)
+        yield ProgressEvent("prepare", fraction=0.0)
+        preprocess = PreprocessConfig.from_dict(metadata.preprocess) if metadata.preprocess else PreprocessConfig()
+        study = prepare_study(volume, preprocess)
+        class_values = np.asarray(metadata.class_values)
+        n_classes = len(class_values)
+        weights = self._plane_weights(planes)
+        shape = study.image.shape
+        # Fused accumulator over foreground classes only (background = total weight - sum).
+        if settings.fusion is FusionMode.VOTE:
+            accumulator = np.zeros((*shape, n_classes), dtype=np.uint8)
+        else:
+            accumulator = np.zeros((*shape, n_classes - 1), dtype=np.float16)
+        plane_argmax = (
+            np.zeros((len(planes), *shape), dtype=np.uint8)
+            if settings.uncertainty is UncertaintyMode.DISAGREEMENT
+            else None
+        )
+        total = sum(shape[p.canonical_array_axis] for p in planes)
+        done_overall = 0
+        for plane_index, plane in enumerate(planes):
+            stack = plane_view(study.image, plane)
+            target = plane_view(accumulator, plane)
+            count = stack.shape[0]
+            for start in range(0, count, settings.batch_size):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("segmentation cancelled")
+                indices = np.arange(start, min(start + settings.batch_size, count))
+                probabilities = self._infer_batch(study, stack, indices, plane, preprocess, metadata.context_slices)
+                if settings.fusion is FusionMode.VOTE:
+                    winners = probabilities.argmax(axis=1)
+                    for c in range(n_classes):
+                        target[indices, ..., c] += (winners == c).astype(np.uint8)
+                else:
+                    scaled = probabilities[:, 1:] * np.float32(weights[plane])
+                    target[indices] += np.moveaxis(scaled, 1, -1).astype(np.float16)
+                if plane_argmax is not None:
+                    plane_view(plane_argmax[plane_index], plane)[indices] = probabilities.argmax(axis=1)
+                done_overall += len(indices)
+                yield ProgressEvent("plane", plane.value, int(indices[-1]) + 1, count, done_overall / max(total, 1))
+        yield ProgressEvent("fuse", fraction=1.0)
+        total_weight = float(sum(weights[p] for p in planes))
+        fused_index, uncertainty = self._fuse(
+            accumulator, total_weight, plane_argmax, len(planes), settings.uncertainty is UncertaintyMode.ENTROPY
+        )
+        del accumulator
+        labels_canonical = class_values[fused_index].astype(np.uint8 if class_values.max() < 256 else np.uint16)
+        labels_array = study.to_original(labels_canonical)
+        if settings.postprocess and metadata.postprocess:
+            config = PostprocessConfig.from_dict(metadata.postprocess)
+            labels_array = postprocess_labels(labels_array, volume.geometry.spacing_zyx, config)
+        labels = Volume(labels_array, volume.geometry, f"{volume.name} segmentation", volume.path, {})
+        labels.metadata.update({"model": metadata.name, "planes": [p.value for p in planes]})
+        uncertainty_volume = None
+        if uncertainty is not None:
+            uncertainty_volume = Volume(
+                study.to_original(uncertainty), volume.geometry, f"{volume.name} uncertainty", volume.path, {}
+            )
+        seconds = time.perf_counter() - started
+        yield ProgressEvent("done", fraction=1.0)
+        return SegmentationResult(
+            labels,
+            uncertainty_volume,
+            seconds,
+            metadata.name,
+            tuple(p.value for p in planes),
+            list(volume.metadata.get("warnings", [])),
+        )
+
+    # Internals ---------------------------------------------------------------------------------
+    def _plane_weights(self, planes: Sequence[Plane]) -> dict[Plane, float]:
+        if self.settings.fusion is not FusionMode.WEIGHTED:
+            return dict.fromkeys(planes, 1.0)
+        source = self.settings.plane_weights or (self.model.metadata.plane_weights if self.model else {}) or {}
+        weights = {p: float(source.get(p.value, 1.0)) for p in planes}
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise InputError(f"plane weights must be non-negative and not all zero, got {source}")
+        return weights
+
+    def _infer_batch(
+        self,
+        study: PreparedStudy,
+        stack: np.ndarray,
+        indices: np.ndarray,
+        plane: Plane,
+        preprocess: PreprocessConfig,
+        context_slices: int,
+    ) -> np.ndarray:
+        """Class probabilities ``[B, C, H, W]`` (float32) for slices ``indices`` of ``stack``."""
+        import torch
+
+        from .preprocess import preprocess_slice
+
+        batch = slice_batch(stack, indices, context_slices)
+        pixel_spacing = plane_pixel_spacing(study.spacing_zyx, plane)
+        if _has_slice_steps(preprocess):
+            batch = np.stack(
+                [np.stack([preprocess_slice(ch, pixel_spacing, preprocess) for ch in item]) for item in batch]
+            ).astype(np.float32)
+        height, width = batch.shape[-2:]
+        model_spacing = preprocess.pixel_spacing_mm
+        if model_spacing is not None:
+            batch = resample_slices(batch, pixel_spacing, (model_spacing, model_spacing), order=1)
+        model = self._require_model()
+        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        if self.device != "cpu" or self.precision == "bf16":
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            logits = model.network(tensor)
+        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        if probabilities.shape[-2:] != (height, width):
+            probabilities = resample_back(probabilities, (height, width), order=1)
+        return probabilities
+
+    @staticmethod
+    def _fuse(
+        accumulator: np.ndarray, total_weight: float, plane_argmax: np.ndarray | None, n_planes: int, entropy: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Argmax of the fused accumulator (chunked along axis 0 to bound temporaries)."""
+        shape = accumulator.shape[:3]
+        fused = np.zeros(shape, dtype=np.uint8)
+        uncertainty = np.zeros(shape, dtype=np.float32) if (plane_argmax is not None or entropy) else None
+        vote = accumulator.dtype == np.uint8
+        chunk = max(1, (1 << 24) // max(1, int(np.prod(accumulator.shape[1:]))))
+        for start in range(0, shape[0], chunk):
+            part = accumulator[start : start + chunk].astype(np.float32)
+            if vote:
+                fused[start : start + chunk] = part.argmax(axis=-1)
+                probabilities = part / np.float32(n_planes)
+            else:
+                background = np.float32(total_weight) - part.sum(axis=-1, keepdims=True)
+                probabilities = np.concatenate([background, part], axis=-1) / np.float32(total_weight)
+                fused[start : start + chunk] = probabilities.argmax(axis=-1)
+            if entropy and uncertainty is not None:
+                uncertainty[start : start + chunk] = entropy_map(probabilities)
+            if plane_argmax is not None and uncertainty is not None:
+                agree = (plane_argmax[:, start : start + chunk] == fused[start : start + chunk][None]).sum(axis=0)
+                uncertainty[start : start + chunk] = 1.0 - agree / np.float32(n_planes)
+        return fused, uncertainty
+
+
+def entropy_map(probabilities: np.ndarray) -> np.ndarray:
+    """Normalised entropy (0..1) over the last axis of a probability array."""
+    p = np.clip(probabilities.astype(np.float32), 1e-6, 1.0)
+    return (-(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])).astype(np.float32)
+
+
+def _has_slice_steps(config: PreprocessConfig) -> bool:
+    return bool(config.clahe or config.denoise_nlmeans or config.bilateral or config.gaussian_sigma_mm > 0)
+
+
+class _autocast:
+    """Mixed precision context: bf16 on CPU, fp16/bf16 on CUDA/MPS, nothing for fp32."""
+
+    def __init__(self, device: str, precision: str) -> None:
+        import torch
+
+        self.context: Any = None
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            self.context = torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+    def __enter__(self) -> None:
+        if self.context is not None:
+            self.context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+
+def _check_volume(volume: Volume) -> None:
+    array = volume.array
+    if array.ndim != 3:
+        raise InputError(f"{volume.name}: need a 3-D study, got shape {array.shape}")
+    if min(array.shape) < 1:
+        raise InputError(f"{volume.name}: empty study (shape {array.shape})")
+    if array.dtype.kind not in "iufb":
+        raise InputError(f"{volume.name}: unsupported voxel type {array.dtype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"{volume.name}: the study contains NaN or infinite voxels")
