@@ -75,40 +75,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segmentation_jobs(inputs: Sequence[str], output: str | None) -> list[tuple[Any, Path]]:
-    """(volume, output path) for every study in ``inputs`` (DICOM directories may hold several)."""
-    from .io import default_output_path, read_volumes, volume_suffix
+def _output_paths(volumes: Sequence[Any], output: Path | None, several_inputs: bool) -> list[Path]:
+    """Where each segmented volume goes: a file (one study) or ``<name>_seg.nii.gz`` in a directory."""
+    from .errors import InputError
+    from .io import default_output_path, volume_suffix
 
-    volumes = []
-    for item in inputs:
-        found = read_volumes(item)
-        volumes += [(v, len(found) > 1) for v in found]
-    out = Path(output).expanduser() if output else None
-    to_file = out is not None and volume_suffix(out) in (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".nhdr")
-    if to_file and len(volumes) > 1:
-        from .errors import InputError
-
-        raise InputError(f"{out}: {len(volumes)} studies need an output directory, not a file")
-    jobs = []
-    for volume, several in volumes:
-        if to_file:
-            jobs.append((volume, out))
-            continue
+    to_file = output is not None and volume_suffix(output) in (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".nhdr")
+    if to_file:
+        if len(volumes) > 1 or several_inputs:
+            raise InputError(f"{output}: several studies need an output directory, not a file")
+        return [output]
+    paths = []
+    for volume in volumes:
         source = Path(volume.path)
-        if several or source.is_dir():
+        if len(volumes) > 1 or source.is_dir():
             safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in volume.name).strip("_") or "series"
-            directory = out or (source if source.is_dir() else source.parent)
-            jobs.append((volume, directory / f"{safe}_seg.nii.gz"))
+            paths.append((output or (source if source.is_dir() else source.parent)) / f"{safe}_seg.nii.gz")
         else:
-            jobs.append((volume, default_output_path(source, out)))
-    return jobs
+            paths.append(default_output_path(source, output))
+    return paths
+
+
+def _run_with_progress(predictor, volume, quiet: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=volume.name[:30], unit="%", leave=False, disable=quiet) as bar:
+        generator = predictor.run(volume)
+        while True:
+            try:
+                event = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            bar.n = round(100 * event.fraction)
+            bar.set_postfix_str(event.plane or event.stage)
+            bar.refresh()
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .inference import Predictor, SegmentationSettings
-    from .io import write_labels, write_volume
+    from .io import read_volumes, write_labels, write_volume
     from .orientation import Plane
 
     settings = SegmentationSettings(
@@ -120,34 +125,32 @@ def cmd_segment(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty_mode if args.uncertainty else None,
         postprocess=not args.no_postprocess,
     )
-    jobs = _segmentation_jobs(args.inputs, args.output)
     predictor = Predictor(settings)
-    model = predictor.load(args.model)
+    model = predictor.load(args.model)  # model problems stop everything before any study is read
     print(f"model {model.metadata.name} on {predictor.device} ({predictor.precision})", file=sys.stderr)
+    output = Path(args.output).expanduser() if args.output else None
     failures = 0
-    for volume, output in jobs:
+    for item in args.inputs:
         try:
-            with tqdm(total=100, desc=volume.name[:30], unit="%", leave=False, disable=args.quiet) as bar:
-                generator = predictor.run(volume)
-                while True:
-                    try:
-                        event = next(generator)
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-                    bar.n = round(100 * event.fraction)
-                    bar.set_postfix_str(event.plane or event.stage)
-                    bar.refresh()
-            write_labels(result.labels, output)
-            if args.uncertainty and result.uncertainty is not None:
-                uncertainty_path = Path(args.uncertainty)
-                if len(jobs) > 1:
-                    uncertainty_path = output.with_name(output.name.replace("_seg", "_uncertainty"))
-                write_volume(result.uncertainty, uncertainty_path)
-            print(f"{volume.name}: {result.seconds:.1f} s -> {output}")
+            volumes = read_volumes(item)
+            outputs = _output_paths(volumes, output, len(args.inputs) > 1)
         except SpinesegError as error:
             failures += 1
-            print(f"spineseg: error: {volume.name}: {error}", file=sys.stderr)
+            print(f"spineseg: error: {error}", file=sys.stderr)
+            continue
+        for volume, destination in zip(volumes, outputs):
+            try:
+                result = _run_with_progress(predictor, volume, args.quiet)
+                write_labels(result.labels, destination)
+                if args.uncertainty and result.uncertainty is not None:
+                    uncertainty_path = Path(args.uncertainty)
+                    if len(volumes) > 1 or len(args.inputs) > 1:
+                        uncertainty_path = destination.with_name(destination.name.replace("_seg", "_uncertainty"))
+                    write_volume(result.uncertainty, uncertainty_path)
+                print(f"{volume.name}: {result.seconds:.1f} s -> {destination}")
+            except SpinesegError as error:
+                failures += 1
+                print(f"spineseg: error: {volume.name}: {error}", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -188,6 +191,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output_dir), device=args.device)
 
 
+# --- training and evaluation commands (training engine) --------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.commands import run_train
+
+    return run_train(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .errors import InputError
+    from .io import read_volume
+    from .metrics import evaluate_volumes, format_table, labelled_span_region, summarise
+    from .orientation import Plane, plane_array_axis
+    from .volume import check_same_grid
+
+    pred = read_volume(args.pred)
+    truth = read_volume(args.truth)
+    check_same_grid(pred, truth, what=f"{args.pred} and {args.truth}")
+    classes = None
+    if args.classes:
+        try:
+            classes = [int(v) for v in args.classes.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+    region = None
+    if args.span_axis == "auto":
+        axis = plane_array_axis(truth.geometry, Plane.AXIAL)  # the superior-inferior axis
+        region = labelled_span_region(truth.array, axis=axis)
+        if not region.any():
+            region = None  # empty truth: evaluate everywhere
+    elif args.span_axis != "none":
+        region = labelled_span_region(truth.array, axis=int(args.span_axis))
+    metrics = evaluate_volumes(pred, truth, classes=classes, region=region, surface=not args.no_surface)
+    if args.json:
+        record = {
+            "prediction": str(args.pred),
+            "truth": str(args.truth),
+            "region": "full" if region is None else f"labelled span ({int(np.count_nonzero(region))} voxels)",
+            "classes": [m.to_dict() for m in metrics],
+            "summary": summarise(metrics),
+        }
+        print(json.dumps(record, indent=2))
+    else:
+        print(format_table(metrics))
+    return 0
+
+
+def _add_training_commands(commands) -> None:
+    from .training.commands import add_train_arguments
+
+    train = commands.add_parser("train", help="train a model with a named recipe")
+    add_train_arguments(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="per-class metrics of a label map against ground truth")
+    evaluate.add_argument("pred", metavar="PRED", help="predicted label file")
+    evaluate.add_argument("truth", metavar="GT", help="ground-truth label file (same voxel grid)")
+    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate.add_argument("--classes", help="comma-separated class values (default: all present)")
+    evaluate.add_argument(
+        "--span-axis",
+        default="auto",
+        help="restrict to the labelled span: auto (superior-inferior), none, or an array axis 0/1/2",
+    )
+    evaluate.add_argument("--no-surface", action="store_true", help="skip surface distances (faster)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+
+# --- end of training and evaluation commands -------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -219,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list bundled and user models")
     models.add_argument("--json", action="store_true")
     models.set_defaults(handler=cmd_models)
+
+    _add_training_commands(commands)
 
     demo = commands.add_parser("demo", help="run the main job on the bundled sample study and model")
     demo.add_argument("--output-dir", default="demo-output", help="where the demo writes its files")

@@ -209,7 +209,7 @@ class Predictor:
         _check_volume(volume)
         yield ProgressEvent("prepare", fraction=0.0)
         preprocess = PreprocessConfig.from_dict(metadata.preprocess) if metadata.preprocess else PreprocessConfig()
-        study = prepare_study(volume, preprocess)
+        study = prepare_study(volume, preprocess, dtype=np.float16)
         class_values = np.asarray(metadata.class_values)
         n_classes = len(class_values)
         weights = self._plane_weights(planes)

@@ -167,38 +167,61 @@ class PreprocessConfig:
 # ------------------------------------------------------------------------------------------
 # Volume-level steps
 # ------------------------------------------------------------------------------------------
-def normalise_intensity(array: np.ndarray, lower_percentile: float = 0.5, upper_percentile: float = 99.5) -> np.ndarray:
-    """Map the robust percentile range of ``array`` to ``[0, 1]`` (clipped), as float32.
+MAX_PERCENTILE_SAMPLES = 4_000_000
 
-    Percentiles ignore non-finite voxels and, when more than half the voxels are exactly 0,
-    the zero background.  Non-finite voxels become 0.  A constant array gives zeros.
-    Raises :class:`InputError` if no voxel is finite.
+
+def robust_range(array: np.ndarray, lower_percentile: float = 0.5, upper_percentile: float = 99.5) -> tuple[float, float]:
+    """The ``[lower, upper]`` percentiles of the finite voxels (zero background ignored when >50 %).
+
+    Large arrays are sampled on a regular stride (at most ``MAX_PERCENTILE_SAMPLES`` values), so a
+    512³ study costs no full-size copy.  Raises :class:`InputError` if no voxel is finite.
     """
-    array = np.asarray(array)
-    if array.size == 0:
+    flat = np.asarray(array).reshape(-1)
+    if flat.size == 0:
         raise InputError("cannot normalise an empty array")
     if not 0.0 <= lower_percentile < upper_percentile <= 100.0:
         raise InputError(f"need 0 <= lower < upper <= 100 percentiles, got {lower_percentile}, {upper_percentile}")
-    data = array.astype(np.float32, copy=False)
-    finite = np.isfinite(data)
-    all_finite = bool(finite.all())
-    values = data if all_finite else data[finite]
+    stride = max(1, flat.size // MAX_PERCENTILE_SAMPLES)
+    values = flat[::stride].astype(np.float32)
+    values = values[np.isfinite(values)]
     if values.size == 0:
         raise InputError("cannot normalise: the image has no finite values (all NaN/inf)")
-    values = values.ravel()
     nonzero = values[values != 0]
-    if nonzero.size < 0.5 * data.size and nonzero.size > 0:
+    if 0 < nonzero.size < 0.5 * values.size:
         values = nonzero
     low, high = np.percentile(values, [lower_percentile, upper_percentile])
     if not high > low:  # (near-)constant over the sample: fall back to the full finite range
         low, high = float(values.min()), float(values.max())
+    return float(low), float(high)
+
+
+def normalise_intensity(
+    array: np.ndarray,
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    dtype: np.dtype | type = np.float32,
+) -> np.ndarray:
+    """Map the robust percentile range of ``array`` (see :func:`robust_range`) to ``[0, 1]``, clipped.
+
+    Non-finite voxels become 0; a constant array gives zeros.  Works in slabs along axis 0, so
+    the only full-size allocation is the output (``dtype``: float32, or float16 to halve memory).
+    """
+    array = np.asarray(array)
+    low, high = robust_range(array, lower_percentile, upper_percentile)
+    out = np.zeros(array.shape, dtype=dtype)
     if not high > low:
-        return np.zeros(array.shape, dtype=np.float32)
-    out = (data - np.float32(low)) / np.float32(high - low)
-    np.clip(out, 0.0, 1.0, out=out)
-    if not all_finite:
-        out[~finite] = 0.0
-    return out.astype(np.float32, copy=False)
+        return out
+    width = np.float32(high - low)
+    rows = max(1, (1 << 22) // max(1, int(np.prod(array.shape[1:]))))
+    for start in range(0, array.shape[0] if array.ndim else 1, rows):
+        part = array[start : start + rows].astype(np.float32)
+        invalid = ~np.isfinite(part)
+        part -= np.float32(low)
+        part /= width
+        np.clip(part, 0.0, 1.0, out=part)
+        part[invalid] = 0.0
+        out[start : start + rows] = part
+    return out
 
 
 def _check_spacing(spacing: Any, ndim: int, what: str) -> tuple[float, ...]:
@@ -212,7 +235,10 @@ def _check_spacing(spacing: Any, ndim: int, what: str) -> tuple[float, ...]:
 
 
 def preprocess_volume(
-    array: np.ndarray, spacing_zyx: tuple[float, float, float], config: PreprocessConfig
+    array: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    config: PreprocessConfig,
+    dtype: np.dtype | type = np.float32,
 ) -> np.ndarray:
     """Volume-level pre-processing of a ``(z, y, x)`` image: normalisation; returns float32.
 
@@ -224,8 +250,8 @@ def preprocess_volume(
         raise InputError(f"preprocess_volume expects a 3-D (z, y, x) array, got shape {array.shape}")
     _check_spacing(spacing_zyx, 3, "preprocess_volume")
     if config.normalise:
-        return normalise_intensity(array, config.lower_percentile, config.upper_percentile)
-    out = array.astype(np.float32, copy=True)
+        return normalise_intensity(array, config.lower_percentile, config.upper_percentile, dtype)
+    out = array.astype(dtype, copy=True)
     out[~np.isfinite(out)] = 0.0
     return out
 

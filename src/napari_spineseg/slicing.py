@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .orientation import Plane, Reorientation, to_canonical
+from .orientation import CANONICAL_ORIENTATION, Plane, Reorientation, reorientation_to, to_canonical
 from .preprocess import PreprocessConfig, inplane_target_shape, preprocess_volume
 from .volume import Geometry, Volume
 
@@ -37,14 +37,16 @@ class PreparedStudy:
         return np.ascontiguousarray(self.reorientation.inverse(canonical_array))
 
 
-def prepare_study(volume: Volume, preprocess: PreprocessConfig) -> PreparedStudy:
-    """Reorient ``volume`` to canonical and apply the volume-level pre-processing."""
-    canonical, transform = to_canonical(volume)
-    spacing = canonical.geometry.spacing_zyx
-    image = preprocess_volume(canonical.array, spacing, preprocess)
-    return PreparedStudy(
-        np.ascontiguousarray(image, dtype=np.float32), spacing, transform, volume.geometry, canonical.geometry
-    )
+def prepare_study(volume: Volume, preprocess: PreprocessConfig, dtype: np.dtype | type = np.float32) -> PreparedStudy:
+    """Reorient ``volume`` to canonical and apply the volume-level pre-processing.
+
+    The reorientation is a view (no copy); the normalised image (``dtype``: float32, or float16
+    for inference on large studies) is the only full-size allocation.
+    """
+    transform, canonical_geometry = reorientation_to(volume.geometry, CANONICAL_ORIENTATION)
+    spacing = canonical_geometry.spacing_zyx
+    image = preprocess_volume(transform.forward(volume.array), spacing, preprocess, dtype)
+    return PreparedStudy(np.ascontiguousarray(image), spacing, transform, volume.geometry, canonical_geometry)
 
 
 def canonical_labels(labels: Volume) -> np.ndarray:
