@@ -19,7 +19,6 @@ from napari_spineseg.modelfile import (
     resolve_model,
     safe_model_name,
     save_model,
-    user_model_path,
 )
 from napari_spineseg.models import build_model
 

@@ -170,7 +170,9 @@ class PreprocessConfig:
 MAX_PERCENTILE_SAMPLES = 4_000_000
 
 
-def robust_range(array: np.ndarray, lower_percentile: float = 0.5, upper_percentile: float = 99.5) -> tuple[float, float]:
+def robust_range(
+    array: np.ndarray, lower_percentile: float = 0.5, upper_percentile: float = 99.5
+) -> tuple[float, float]:
     """The ``[lower, upper]`` percentiles of the finite voxels (zero background ignored when >50 %).
 
     Large arrays are sampled on a regular stride (at most ``MAX_PERCENTILE_SAMPLES`` values), so a
