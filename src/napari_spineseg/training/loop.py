@@ -1,0 +1,852 @@
+"""The training loop: a cancellable generator of progress events (Qt-free).
+
+    events = train(config, train_cases, val_cases)
+    for event in events:            # TrainEvent(kind="step" | "validation" | "checkpoint" | "done")
+        ...                         # stop any time: events.close() (or set the ``cancel`` event)
+
+The final :class:`TrainResult` is the ``result`` of the ``"done"`` event (and the generator's
+``StopIteration.value``).  Files are only ever written atomically (temp file + rename): the best
+model (``config.output``, a normal model file with full metadata), a resume checkpoint beside it
+(``<output stem>.resume.safetensors``: weights + Adam state as safetensors tensors, the loop state
+as JSON in the header; no pickle) and the CSV log (one appended, flushed row per validation).
+Interrupting at any point leaves the previous files loadable.
+
+Validation runs the real inference path (:class:`napari_spineseg.inference.Predictor`) on whole
+fixed validation volumes and scores per-class Dice inside each case's labelled region, only for
+classes annotated in that case.  The best model is chosen by the mean of the per-class means.
+
+Fine-tuning hooks: pass ``network=`` (an initial network, e.g. a loaded model), ``replay_cases=``
+(mixed into the training set), ``dataset=`` (any dataset yielding the same sample dicts) and
+``loss_hook=`` (``hook(network, batch, logits) -> extra loss tensor or None``).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as _dt
+import io
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..augment import IGNORE, AugmentConfig
+from ..errors import InputError, ModelFileError
+from ..modelfile import ModelMetadata, save_model
+from ..orientation import Plane
+from ..postprocess import default_postprocess
+from ..preprocess import PreprocessConfig
+from ..schema import LabelClass, default_classes
+from .data import TrainingCase
+
+__all__ = [
+    "TrainConfig",
+    "TrainEvent",
+    "TrainResult",
+    "build_training_dataset",
+    "load_resume_state",
+    "resume_path_for",
+    "run_training",
+    "train",
+    "validate",
+]
+
+logger = logging.getLogger(__name__)
+
+RESUME_FORMAT = "napari-spineseg-resume"
+SCHEDULES = ("none", "cosine", "step")
+PRECISIONS = ("auto", "off", "fp32", "bf16", "fp16")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (recorded in the model file's metadata)."""
+
+    architecture: str = "unet"
+    architecture_kwargs: dict[str, Any] = field(default_factory=lambda: {"base": 16, "depth": 4})
+    context_slices: int = 1
+    classes: list[LabelClass] = field(default_factory=default_classes)
+    loss: str = "ce+dice"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # none | cosine | step
+    warmup_steps: int = 0
+    step_size: int = 1000  # "step" schedule: multiply by step_gamma every step_size steps
+    step_gamma: float = 0.5
+    min_lr_fraction: float = 0.02  # cosine floor
+    epochs: int | None = None  # used when steps is None
+    steps: int | None = 1000
+    batch_size: int = 8
+    val_every: int = 250  # steps between validations (and checkpoints)
+    patience: int | None = None  # validations without improvement before stopping early
+    min_delta: float = 1e-4
+    mixed_precision: str = "auto"  # auto | off | bf16 | fp16
+    grad_clip: float | None = 5.0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    planes: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal"])
+    crop_size: int | None = 192
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    sampling: str = "uniform"  # uniform | balanced
+    foreground_only: bool = False
+    keep_empty_fraction: float = 0.1
+    min_foreground_fraction: float = 0.0
+    foreground_crop_prob: float = 0.7
+    patches: dict[str, Any] | None = None  # PatchDataset options (penn); None = slice training
+    postprocess: dict[str, Any] = field(default_factory=lambda: default_postprocess().to_dict())
+    val_postprocess: bool = False  # validate with the model's post-processing
+    val_batch_size: int = 16
+    output: Path | None = None
+    log_csv: Path | None = None
+    resume: Path | None = None
+    model_name: str = "spineseg-model"
+    description: str = ""
+    recipe: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise InputError(f"unknown mixed precision {self.mixed_precision!r}: choose {', '.join(PRECISIONS)}")
+        if self.sampling not in ("uniform", "balanced"):
+            raise InputError(f"unknown sampling {self.sampling!r}: choose uniform or balanced")
+        if self.steps is None and self.epochs is None:
+            raise InputError("give steps or epochs")
+        if self.steps is not None and int(self.steps) < 1:
+            raise InputError(f"steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and int(self.epochs) < 1:
+            raise InputError(f"epochs must be at least 1, got {self.epochs}")
+        if int(self.batch_size) < 1 or int(self.val_every) < 1:
+            raise InputError("batch_size and val_every must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= int(self.context_slices) <= 8:
+            raise InputError(f"context_slices must be in 0..8, got {self.context_slices}")
+        self.planes = [Plane(p).value for p in self.planes]
+        if not self.planes:
+            raise InputError("choose at least one plane")
+        values = [c.value for c in self.classes]
+        if values != list(range(len(values))) or len(values) < 2:
+            raise InputError(f"training classes must be 0..N-1 without gaps, got {values}")
+        for name in ("output", "log_csv", "resume"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value).expanduser())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * int(self.context_slices) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record (classes by value/name, configs as dicts, paths as strings)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "classes":
+                value = [c.to_dict() for c in value]
+            elif isinstance(value, (PreprocessConfig, AugmentConfig)):
+                value = value.to_dict()
+            out[name] = _json_safe(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"TrainConfig: unknown key(s) {', '.join(unknown)}")
+        if "classes" in data:
+            data["classes"] = [LabelClass.from_dict(c) for c in data["classes"]]
+        if isinstance(data.get("preprocess"), dict):
+            data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
+        if isinstance(data.get("augment"), dict):
+            data["augment"] = AugmentConfig.from_dict(data["augment"])
+        return cls(**data)
+
+
+@dataclass
+class TrainEvent:
+    """Progress of a training run."""
+
+    kind: str  # "step" | "validation" | "checkpoint" | "done"
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float | None = None  # mean training loss since the previous event of this kind
+    lr: float | None = None
+    val_dice: dict[str, float] | None = None  # class name -> Dice (validation events)
+    val_mean: float | None = None
+    message: str = ""
+    seconds: float = 0.0
+    result: TrainResult | None = None
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    best_model_path: Path | None
+    best_score: float | None
+    best_step: int | None
+    history: list[dict[str, Any]]
+    steps: int
+    total_steps: int
+    cancelled: bool = False
+    stopped_early: bool = False
+    resume_path: Path | None = None
+    network: Any = None  # the network with the best weights (CPU), for in-process use
+
+
+def resume_path_for(output: Path) -> Path:
+    """``<dir>/<stem>.resume.safetensors`` beside the model file ``output``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.resume.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices, precision, seeds
+# ------------------------------------------------------------------------------------------------
+def _resolve_runtime(config: TrainConfig) -> tuple[str, str]:
+    from ..inference import resolve_device, resolve_precision
+
+    device = resolve_device(config.device)
+    precision = config.mixed_precision
+    precision = "fp32" if precision in ("off", "fp32") else resolve_precision(precision, device)
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise InputError("fp16 mixed precision needs CUDA; use bf16 on CPU")
+    return device, precision
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _autocast(device: str, precision: str):
+    import contextlib
+
+    import torch
+
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _lr_at(config: TrainConfig, step: int, total: int) -> float:
+    base = config.lr
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return base * (step + 1) / config.warmup_steps
+    if config.schedule == "cosine":
+        span = max(1, total - config.warmup_steps)
+        t = min(1.0, max(0.0, (step - config.warmup_steps) / span))
+        floor = config.min_lr_fraction
+        return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    if config.schedule == "step":
+        return base * config.step_gamma ** (step // max(1, config.step_size))
+    return base
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def build_training_dataset(config: TrainConfig, cases: Sequence[TrainingCase]):
+    """The training dataset of ``config``: a SliceDataset, or a PatchDataset for patch recipes."""
+    from .datasets import PatchDataset, SliceDataset
+
+    slices = SliceDataset(
+        cases,
+        planes=config.planes,
+        context_slices=config.context_slices,
+        num_classes=config.num_classes,
+        preprocess=config.preprocess,
+        augment=config.augment,
+        crop_size=None if config.patches is not None else config.crop_size,
+        foreground_only=config.foreground_only,
+        keep_empty_fraction=config.keep_empty_fraction,
+        min_foreground_fraction=config.min_foreground_fraction,
+        foreground_crop_prob=config.foreground_crop_prob,
+        seed=config.seed,
+    )
+    if config.patches is not None:
+        return PatchDataset(slices, seed=config.seed, **config.patches)
+    return slices
+
+
+def _epoch_order(dataset, config: TrainConfig, epoch: int, rank: int, world: int) -> list[int]:
+    """The sample order of ``epoch`` for ``rank`` (deterministic in seed and epoch only)."""
+    import torch
+
+    n = len(dataset)
+    generator = torch.Generator().manual_seed(int(config.seed) * 100_003 + int(epoch))
+    if config.sampling == "balanced" and hasattr(dataset, "sample_weights"):
+        weights = torch.as_tensor(dataset.sample_weights(), dtype=torch.double)
+        order = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
+    else:
+        order = torch.randperm(n, generator=generator).tolist()
+    if world > 1:
+        per_rank = n // world
+        order = order[rank * per_rank : (rank + 1) * per_rank]
+    return order
+
+
+def _steps_per_epoch(n_samples: int, batch_size: int, world: int) -> int:
+    return max(1, (n_samples // max(1, world)) // batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model, metadata, checkpoints
+# ------------------------------------------------------------------------------------------------
+def _build_network(config: TrainConfig):
+    from ..models import build_model
+
+    kwargs = dict(config.architecture_kwargs)
+    kwargs.pop("in_channels", None)
+    kwargs.pop("num_classes", None)
+    return build_model(config.architecture, in_channels=config.in_channels, num_classes=config.num_classes, **kwargs)
+
+
+def _architecture_kwargs(network, config: TrainConfig) -> dict[str, Any]:
+    kwargs = dict(getattr(network, "arch_kwargs", None) or config.architecture_kwargs)
+    kwargs.pop("in_channels", None)
+    kwargs.pop("num_classes", None)
+    return _json_safe(kwargs)
+
+
+def _metadata(network, config: TrainConfig, training: dict[str, Any], metrics: dict[str, Any]) -> ModelMetadata:
+    return ModelMetadata(
+        name=config.model_name,
+        architecture=getattr(network, "arch_name", config.architecture),
+        architecture_kwargs=_architecture_kwargs(network, config),
+        classes=list(config.classes),
+        context_slices=int(config.context_slices),
+        preprocess=config.preprocess.to_dict(),
+        postprocess=dict(config.postprocess),
+        planes=list(config.planes),
+        training=_json_safe(training),
+        metrics=_json_safe(metrics),
+        description=config.description,
+    )
+
+
+def _save_resume(path: Path, network, optimizer, state: dict[str, Any]) -> None:
+    """Weights + optimizer tensors (safetensors) and the loop state (JSON header) in one atomic file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path
+
+    tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{pid}/{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    record = {
+        "format": RESUME_FORMAT,
+        "version": 1,
+        "state": _json_safe(state),
+        "param_groups": _json_safe(opt["param_groups"]),
+        "optimizer_scalars": _json_safe(scalars),
+    }
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata={"spineseg_resume": json.dumps(record)})
+
+
+def load_resume_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(model_state_dict, optimizer_state_dict, loop_state)`` of a resume checkpoint."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelFileError(f"{path}: resume checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        tensors = load_file(str(path), device="cpu")
+        record = json.loads(header["spineseg_resume"])
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise ModelFileError(f"{path}: not a readable resume checkpoint ({error})") from None
+    if record.get("format") != RESUME_FORMAT:
+        raise ModelFileError(f"{path}: not a napari-spineseg resume checkpoint")
+    model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, name = key.split("/", 2)
+            opt_state.setdefault(int(pid), {})[name] = value
+    for pid, values in record.get("optimizer_scalars", {}).items():
+        opt_state.setdefault(int(pid), {}).update(values)
+    optimizer = {"state": opt_state, "param_groups": record["param_groups"]}
+    return model_state, optimizer, record["state"]
+
+
+class _CsvLog:
+    """Append-only CSV log: one complete, flushed row per write (header when the file is new)."""
+
+    def __init__(self, path: Path | None, class_names: list[str]) -> None:
+        self.path = path
+        self.columns = [
+            "step",
+            "epoch",
+            "train_loss",
+            "lr",
+            "val_mean_dice",
+            *[f"dice_{n.replace(' ', '_')}" for n in class_names],
+            "seconds",
+            "best",
+        ]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        with self.path.open("a", encoding="utf-8", newline="") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+def validate(
+    network,
+    config: TrainConfig,
+    cases: Sequence[TrainingCase],
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
+    """Per-class Dice of ``network`` on whole ``cases`` through the inference path.
+
+    Each case is segmented with :class:`~napari_spineseg.inference.Predictor` (all of
+    ``config.planes``, mean fusion); Dice is computed inside the case's labelled region for the
+    classes annotated in that case.  Returns ``(mean Dice per class over the cases that annotate
+    it, per-case Dice)``.  The network is left in training mode.
+    """
+    from ..inference import Predictor, SegmentationSettings
+    from ..metrics import dice_score
+    from ..modelfile import LoadedModel
+
+    metadata = _metadata(network, config, {}, {})
+    if not config.val_postprocess:
+        metadata.postprocess = {}
+    settings = SegmentationSettings(
+        planes=config.planes,
+        device=device,
+        precision=precision if precision != "fp16" else "auto",
+        batch_size=config.val_batch_size,
+        postprocess=config.val_postprocess,
+    )
+    predictor = Predictor(settings)
+    was_training = network.training
+    per_case: dict[str, dict[int, float]] = {}
+    try:
+        predictor.load(LoadedModel(network, metadata, None))
+        for case in cases:
+            result = predictor.predict(case.image)
+            pred = result.labels.array
+            truth = case.labels.array
+            region = truth != IGNORE
+            scores = {}
+            for value in sorted(case.known_classes):
+                if value >= config.num_classes:
+                    continue
+                scores[value] = dice_score((pred == value) & region, (truth == value) & region)
+            per_case[case.case_id] = scores
+    finally:
+        network.train(was_training)
+    means: dict[int, float] = {}
+    for value in range(1, config.num_classes):
+        values = [s[value] for s in per_case.values() if value in s]
+        if values:
+            means[value] = float(np.mean(values))
+    return means, per_case
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(
+    config: TrainConfig,
+    train_cases: Sequence[TrainingCase],
+    val_cases: Sequence[TrainingCase] = (),
+    *,
+    network=None,
+    replay_cases: Sequence[TrainingCase] = (),
+    dataset=None,
+    loss_hook: Callable[[Any, dict[str, Any], Any], Any] | None = None,
+    cancel: threading.Event | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Generator[TrainEvent, None, TrainResult]:
+    """Train per ``config``; yields :class:`TrainEvent`; returns (and reports) a :class:`TrainResult`.
+
+    ``network``: start from this network (e.g. ``load_model(...).network``) instead of a fresh
+    one; its architecture is recorded.  ``replay_cases`` are mixed into the training cases.
+    ``dataset`` replaces the dataset built from the cases.  ``loss_hook(network, batch, logits)``
+    may return an extra loss term.  ``cancel`` stops the run cleanly between steps (a resume
+    checkpoint is written).  ``provenance`` is merged into the model's training record.
+    Under ``torch.distributed`` (see :mod:`.distributed`) only rank 0 validates and writes.
+    """
+    import torch
+
+    started = time.perf_counter()
+    rank, world = _distributed()
+    main = rank == 0
+    device, precision = _resolve_runtime(config)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    _seed_everything(config.seed)
+    all_train = list(train_cases) + list(replay_cases)
+    if dataset is None:
+        if not all_train:
+            raise InputError("no training cases")
+        dataset = build_training_dataset(config, all_train)
+    per_epoch = _steps_per_epoch(len(dataset), config.batch_size, world)
+    if per_epoch < 1 or len(dataset) // world < config.batch_size:
+        logger.warning("fewer samples (%d) than the batch size (%d)", len(dataset), config.batch_size)
+    total_steps = int(config.steps) if config.steps is not None else int(config.epochs) * per_epoch
+
+    # Network and optimizer ------------------------------------------------------------------
+    net = network if network is not None else _build_network(config)
+    channels_last = precision in ("bf16", "fp16") or device.startswith("cuda")
+    net = net.to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step, best_score, best_step, history, bad_validations = 0, None, None, [], 0
+    if config.resume is not None:
+        model_state, opt_state, state = load_resume_state(config.resume)
+        if state.get("architecture") != getattr(net, "arch_name", config.architecture):
+            raise InputError(
+                f"{config.resume}: checkpoint is a {state.get('architecture')!r} network, "
+                f"this run trains {getattr(net, 'arch_name', config.architecture)!r}"
+            )
+        try:
+            net.load_state_dict(model_state, strict=True)
+            optimizer.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise InputError(f"{config.resume}: checkpoint does not match this network ({error})") from None
+        step = int(state["step"])
+        best_score, best_step = state.get("best_score"), state.get("best_step")
+        history = list(state.get("history", []))
+        bad_validations = int(state.get("bad_validations", 0))
+        logger.info("resumed from %s at step %d", config.resume, step)
+    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+    model: Any = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
+    loss_fn = _build_loss(config).to(device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    output = config.output if main else None
+    resume_out = resume_path_for(output) if output is not None else None
+    class_names = [c.name for c in config.classes[1:]]
+    log = _CsvLog(config.log_csv if main else None, class_names)
+    training_record = {
+        "recipe": config.recipe,
+        "config": config.to_dict(),
+        "train_cases": [c.case_id for c in train_cases],
+        "val_cases": [c.case_id for c in val_cases],
+        "replay_cases": [c.case_id for c in replay_cases],
+        "train_patients": sorted({c.patient for c in train_cases}),
+        "val_patients": sorted({c.patient for c in val_cases}),
+        "data_paths": sorted({p for c in [*train_cases, *val_cases] for p in c.paths.values()}),
+        "seed": config.seed,
+        "total_steps": total_steps,
+        "world_size": world,
+        "device": device,
+        "precision": precision,
+        "torch_version": torch.__version__,
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        **(provenance or {}),
+    }
+    try:
+        from .. import __version__
+
+        training_record["package_version"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+
+    def loop_state() -> dict[str, Any]:
+        return {
+            "step": step,
+            "epoch": step // per_epoch,
+            "best_score": best_score,
+            "best_step": best_step,
+            "history": history,
+            "bad_validations": bad_validations,
+            "architecture": getattr(net, "arch_name", config.architecture),
+            "config": config.to_dict(),
+        }
+
+    def save_checkpoint() -> None:
+        if resume_out is not None:
+            _save_resume(resume_out, net, optimizer, loop_state())
+
+    def save_best(metrics: dict[str, Any]) -> Path | None:
+        if output is None:
+            return None
+        record = {**training_record, "steps": step, "best_step": step, "finished": None}
+        return save_model(net, _metadata(net, config, record, metrics), output)
+
+    def result(cancelled: bool = False, early: bool = False) -> TrainResult:
+        best_net = copy.deepcopy(net).cpu()
+        best_net.load_state_dict(best_state)
+        best_net.eval()
+        saved = output if output is not None and output.is_file() else None
+        return TrainResult(
+            saved, best_score, best_step, history, step, total_steps, cancelled, early, resume_out, best_net
+        )
+
+    def run_validation(loss_value: float | None, lr: float) -> tuple[TrainEvent, bool, bool]:
+        """Validate (rank 0), log, maybe save; returns (event, improved, stop)."""
+        nonlocal best_score, best_step, bad_validations, best_state
+        t0 = time.perf_counter()
+        means: dict[int, float] = {}
+        if val_cases and main:
+            means, _ = validate(net, config, val_cases, device, precision)
+        score = float(np.mean(list(means.values()))) if means else None
+        improved = False
+        if main:
+            if score is None:
+                improved = True  # no validation data: the latest weights are the best we know
+            elif best_score is None or score > best_score + config.min_delta:
+                improved = True
+            if improved:
+                best_score, best_step, bad_validations = score, step, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            else:
+                bad_validations += 1
+        named = {config.classes[v].name: round(d, 5) for v, d in means.items()}
+        row = {
+            "step": step,
+            "epoch": step // per_epoch,
+            "train_loss": None if loss_value is None else round(loss_value, 6),
+            "lr": lr,
+            "val_mean_dice": None if score is None else round(score, 5),
+            **{f"dice_{n.replace(' ', '_')}": d for n, d in named.items()},
+            "seconds": round(time.perf_counter() - started, 1),
+            "best": int(improved),
+        }
+        history.append(row)
+        log.write(row)
+        stop = config.patience is not None and bad_validations >= config.patience
+        stop = _broadcast_flag(stop, world)
+        event = TrainEvent(
+            "validation",
+            step,
+            total_steps,
+            step // per_epoch,
+            loss_value,
+            lr,
+            named,
+            score,
+            f"validation took {time.perf_counter() - t0:.1f} s",
+            time.perf_counter() - started,
+        )
+        return event, improved, stop
+
+    # Main loop ---------------------------------------------------------------------------------
+    net.train()
+    running, running_count, since_val, since_count = 0.0, 0, 0.0, 0
+    validated_at = step if config.resume is not None else -1
+    cancelled = early = False
+    epoch = step // per_epoch
+    try:
+        while step < total_steps:
+            epoch = step // per_epoch
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            order = _epoch_order(dataset, config, epoch, rank, world)
+            skip = (step % per_epoch) * config.batch_size
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=config.batch_size,
+                sampler=order[skip:],
+                num_workers=config.num_workers,
+                drop_last=len(order) - skip >= config.batch_size,
+                pin_memory=device.startswith("cuda"),
+            )
+            for batch in loader:
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
+                    break
+                lr = _lr_at(config, step, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                image = batch["image"].to(device, non_blocking=True)
+                if channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last)
+                target = batch["target"].to(device, non_blocking=True)
+                known = batch["known"].to(device, non_blocking=True)
+                with _autocast(device, precision):
+                    logits = model(image)
+                loss = loss_fn(logits, target, known)
+                if loss_hook is not None:
+                    extra = loss_hook(net, batch, logits)
+                    if extra is not None:
+                        loss = loss + extra
+                if not torch.isfinite(loss):
+                    raise InputError(f"training diverged at step {step} (loss {float(loss)})")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if config.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+                    optimizer.step()
+                step += 1
+                value = float(loss.detach())
+                running += value
+                running_count += 1
+                since_val += value
+                since_count += 1
+                yield TrainEvent("step", step, total_steps, epoch, value, lr, seconds=time.perf_counter() - started)
+                if step % config.val_every == 0 or step >= total_steps:
+                    event, improved, stop = run_validation(since_val / max(since_count, 1), lr)
+                    validated_at = step
+                    since_val, since_count = 0.0, 0
+                    yield event
+                    if main:
+                        if improved:
+                            metrics = {"val_dice": event.val_dice, "val_mean_dice": event.val_mean, "step": step}
+                            path = save_best(metrics)
+                            if path is not None:
+                                yield TrainEvent(
+                                    "checkpoint",
+                                    step,
+                                    total_steps,
+                                    epoch,
+                                    message=f"saved best model to {path}",
+                                    val_mean=event.val_mean,
+                                    seconds=time.perf_counter() - started,
+                                )
+                        save_checkpoint()
+                    if stop:
+                        early = True
+                        break
+                if step >= total_steps:
+                    break
+            if cancelled or early:
+                break
+        if cancelled:
+            if main:
+                save_checkpoint()
+        elif validated_at != step and step > 0:
+            event, improved, _ = run_validation(since_val / max(since_count, 1), _lr_at(config, step, total_steps))
+            yield event
+            if main:
+                if improved:
+                    save_best({"val_dice": event.val_dice, "val_mean_dice": event.val_mean, "step": step})
+                save_checkpoint()
+        outcome = result(cancelled, early)
+        message = "cancelled" if cancelled else "stopped early" if early else "finished"
+        yield TrainEvent(
+            "done",
+            step,
+            total_steps,
+            epoch,
+            running / max(running_count, 1),
+            message=f"{message} after {step} steps; best mean Dice {best_score} at step {best_step}",
+            val_mean=best_score,
+            seconds=time.perf_counter() - started,
+            result=outcome,
+        )
+        return outcome
+    finally:
+        # Every file was written atomically; nothing half-written can remain.  Free the network.
+        del model
+
+
+def _broadcast_flag(flag: bool, world: int) -> bool:
+    if world <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.broadcast(tensor, src=0)
+    return bool(int(tensor.item()))
+
+
+def _build_loss(config: TrainConfig):
+    from ..losses import build_loss
+
+    return build_loss(config.loss, **config.loss_kwargs)
+
+
+def run_training(
+    config: TrainConfig, train_cases: Sequence[TrainingCase], val_cases: Sequence[TrainingCase] = (), **kwargs
+) -> TrainResult:
+    """Drain :func:`train` and return its :class:`TrainResult`."""
+    generator = train(config, train_cases, val_cases, **kwargs)
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
