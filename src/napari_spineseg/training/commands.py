@@ -31,10 +31,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; use 1 on a busy machine)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="model name stored in the file (default: the recipe's)")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL.safetensors", help="best model file")
-    parser.add_argument("--log", metavar="CSV", help="CSV log (one row per validation)")
+    parser.add_argument("--log", "--log-csv", dest="log", metavar="CSV", help="CSV log (one row per validation)")
     parser.add_argument("--resume", metavar="CKPT", help="resume from a .resume.safetensors checkpoint")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -68,6 +71,7 @@ def prepare_run(args: argparse.Namespace):
         device=args.device,
         mixed_precision=args.precision,
         num_workers=args.workers,
+        num_threads=args.threads,
         seed=args.seed,
         output=output,
         log_csv=Path(args.log).expanduser() if args.log else None,

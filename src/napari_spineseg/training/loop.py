@@ -110,6 +110,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    num_threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is best on a busy CPU
     planes: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal"])
     crop_size: int | None = 192
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -312,13 +313,20 @@ def _epoch_order(dataset, config: TrainConfig, epoch: int, rank: int, world: int
     import torch
 
     n = len(dataset)
+    balanced = config.sampling == "balanced" and hasattr(dataset, "sample_weights")
+    if world > 1 and not balanced:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=int(config.seed), drop_last=True)
+        sampler.set_epoch(int(epoch))
+        return list(sampler)
     generator = torch.Generator().manual_seed(int(config.seed) * 100_003 + int(epoch))
-    if config.sampling == "balanced" and hasattr(dataset, "sample_weights"):
+    if balanced:
         weights = torch.as_tensor(dataset.sample_weights(), dtype=torch.double)
         order = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     else:
         order = torch.randperm(n, generator=generator).tolist()
-    if world > 1:
+    if world > 1:  # every rank draws the same order and takes its own equal share
         per_rank = n // world
         order = order[rank * per_rank : (rank + 1) * per_rank]
     return order
@@ -544,6 +552,8 @@ def train(
     import torch
 
     started = time.perf_counter()
+    if config.num_threads is not None:
+        torch.set_num_threads(max(1, int(config.num_threads)))
     rank, world = _distributed()
     main = rank == 0
     device, precision = _resolve_runtime(config)
@@ -817,8 +827,9 @@ def train(
         )
         return outcome
     finally:
-        # Every file was written atomically; nothing half-written can remain.  Free the network.
-        del model
+        # Closed, cancelled, interrupted or failed: every file was written atomically (temp file +
+        # rename), so the model, the resume checkpoint and the CSV are each either old or new, never partial.
+        logger.debug("training generator left at step %d of %d", step, total_steps)
 
 
 def _broadcast_flag(flag: bool, world: int) -> bool:

@@ -1,11 +1,12 @@
 """Named training recipes: a :class:`TrainConfig` plus data choices, recorded in the model file.
 
 ========================  ===================================================================
-``default``               U-Net (base 16, depth 4), 2.5-D (3 slices), 5-class schema, CE+Dice
-                          with partial labels, all three planes at 1 mm, strong intensity
-                          (gamma, T1↔T2 inversion, bias field, noise) and geometric augmentation,
-                          crop 192, bf16 + channels_last, class-balanced slice sampling, a few
-                          phantoms to teach the classes the real data lacks (canal, lesion).
+``default``               U-Net (base 16, depth 4), 2.5-D (3 slices), schema classes 0–3 (no
+                          lesion class), CE+Dice with partial labels, all three planes at 1 mm,
+                          strong intensity (gamma, T1↔T2 inversion, bias field, noise) and
+                          geometric augmentation, crop 192, bf16 + channels_last, class-balanced
+                          slice sampling, a few phantoms to teach the class the real data lacks
+                          (canal).
 ``unet-bce``              U-Net, one-vs-rest BCE, Adam 1e-4, no augmentation, constant lr.
 ``fcn-resnet50``          FCN-ResNet50, CLAHE + NL-means + bilateral pre-processing,
                           BCE-with-logits, best-by-validation-Dice, 5-fold by patient,

@@ -1,0 +1,137 @@
+"""``spineseg train`` / ``spineseg evaluate`` and distributed training under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_spineseg.cli import main
+from napari_spineseg.io import read_volume, write_volume
+from napari_spineseg.modelfile import load_model
+from napari_spineseg.volume import Volume
+
+TINY_TRAIN = ["--recipe", "unet-bce", "--steps", "2", "--val-every", "2", "--batch-size", "2", "--crop", "32"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def real_seg(data_dir) -> Path:
+    return data_dir / "lumbar-mri" / "VB3" / "01_seg.nii.gz"
+
+
+def test_evaluate_a_real_segmentation_against_itself(real_seg, capsys):
+    assert main(["evaluate", str(real_seg), str(real_seg), "--json", "--classes", "1,2"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [c["value"] for c in record["classes"]] == [1, 2]
+    for item in record["classes"]:
+        assert item["dice"] == 1.0 and item["hd95_mm"] == 0.0 and not item["empty_truth"]
+    assert record["summary"]["mean"]["dice"] == 1.0
+    assert record["region"].startswith("labelled span")
+    assert main(["evaluate", str(real_seg), str(real_seg), "--no-surface", "--span-axis", "none"]) == 0
+    table = capsys.readouterr().out
+    assert "Dice" in table and "1.000" in table
+
+
+def test_evaluate_refuses_mismatched_geometry(real_seg, tmp_path, capsys):
+    truth = read_volume(real_seg)
+    shifted = Volume.from_array(truth.array, spacing=(1.0, 1.0, 2.0), direction=truth.direction)
+    other = write_volume(shifted, tmp_path / "other_seg.nii.gz")
+    assert main(["evaluate", str(other), str(real_seg)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("spineseg: error:") and "geometry" in error and "spacing" in error
+
+
+def test_train_on_phantoms_writes_a_loadable_model(tmp_path, capsys):
+    output = tmp_path / "m.safetensors"
+    log = tmp_path / "log.csv"
+    argv = ["train", *TINY_TRAIN, "--phantoms", "1", "--planes", "sagittal", "-o", str(output), "--log", str(log), "-q"]
+    assert main(argv) == 0
+    assert "best model" in capsys.readouterr().out
+    model = load_model(output)
+    training = model.metadata.training
+    assert training["recipe"] == "unet-bce" and training["phantoms"] == 1 and training["steps"] == 2
+    assert training["split"]["kind"] == "fraction" and training["train_cases"] == ["phantom-1000"]
+    assert log.read_text().splitlines()[0].startswith("step,")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--phantoms", "0"], "--data"),
+        (["--recipe", "nope", "--phantoms", "1"], "unknown recipe"),
+        (["--phantoms", "1", "--fold", "1"], "--fold and --folds"),
+        (["--phantoms", "1", "--data", "/nonexistent/lumbar"], "not found"),
+    ],
+)
+def test_train_errors_are_one_line(extra, message, tmp_path, capsys):
+    assert main(["train", *TINY_TRAIN, *extra, "-o", str(tmp_path / "m.safetensors")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("spineseg: error:") and message in error
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_train_refuses_a_non_safetensors_output(tmp_path, capsys):
+    assert main(["train", *TINY_TRAIN, "--phantoms", "1", "-o", str(tmp_path / "m.pt")]) == 1
+    assert ".safetensors" in capsys.readouterr().err
+
+
+def test_distributed_training_with_two_gloo_processes(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside the interpreter")
+    output = tmp_path / "m.safetensors"
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "napari_spineseg.training.distributed",
+        "--backend",
+        "gloo",
+        "--recipe",
+        "unet-bce",
+        "--steps",
+        "3",
+        "--val-every",
+        "2",
+        "--batch-size",
+        "2",
+        "--crop",
+        "32",
+        "--phantoms",
+        "2",
+        "--planes",
+        "sagittal",
+        "--device",
+        "cpu",
+        "-o",
+        str(output),
+        "--log-csv",
+        str(tmp_path / "log.csv"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    models = sorted(p.name for p in tmp_path.glob("*.safetensors") if not p.name.endswith(".resume.safetensors"))
+    assert models == ["m.safetensors"]
+    model = load_model(output)
+    assert model.metadata.training["world_size"] == 2 and model.metadata.training["steps"] == 3
+    rows = (tmp_path / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + one row per validation, written by rank 0 only
+    assert np.isfinite(float(rows[-1].split(",")[2]))
