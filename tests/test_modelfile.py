@@ -163,3 +163,11 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path: Path, monkeypatc
         save_model(network, ModelMetadata("tiny", "unet", network.arch_kwargs, context_slices=1), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]
+
+
+def test_leftover_temporary_files_are_not_listed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SPINESEG_MODEL_DIR", str(tmp_path))
+    path, _ = tiny_model(tmp_path, "kept")
+    (tmp_path / ".kept.safetensors.abc.part.safetensors").write_bytes(b"partial")
+    assert [m.name for m in list_models() if m.source == "user"] == ["kept"]
+    assert path.stat().st_mode & 0o044  # readable by group/others like any file the user writes

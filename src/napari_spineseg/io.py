@@ -351,6 +351,9 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     temp = Path(temp_name)
     try:
         yield temp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(temp, destination)
     except BaseException:
         with contextlib.suppress(OSError):

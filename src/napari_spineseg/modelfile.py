@@ -324,6 +324,8 @@ def list_models() -> list[ModelInfo]:
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob(f"*{MODEL_SUFFIX}")):
+            if path.name.startswith("."):  # temporary files of an interrupted save
+                continue
             name = path.name[: -len(MODEL_SUFFIX)]
             try:
                 found[name] = ModelInfo(name, path, source, read_metadata(path))
