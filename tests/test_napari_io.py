@@ -43,9 +43,27 @@ def test_vb3_image_and_labels_open_with_identical_geometry(make_napari_viewer, d
     np.testing.assert_allclose(image.translate, labels.translate)
     assert image.metadata["spineseg_geometry"] == labels.metadata["spineseg_geometry"]
     assert image.data.shape == labels.data.shape == read_volume(path).shape
-    assert list(labels.features["name"][:3]) == ["background", "vertebral body", "intervertebral disc"]
-    colour = labels.colormap.map(np.array([1]))[0]
+    # VB3 labels hold level ids L1..L5 (1..5), not schema classes: never named "lesion" etc.
+    assert list(labels.features["name"]) == ["background"] + [f"label {k}" for k in range(1, 6)]
+    assert labels.metadata["spineseg_schema"] is False
+
+
+@requires_display
+def test_schema_label_maps_get_class_names_and_colours(make_napari_viewer, tmp_path: Path) -> None:
+    from napari_spineseg.io import write_labels
+    from napari_spineseg.volume import Volume
+
+    study = Volume.from_array(np.zeros((6, 8, 10), np.float32), spacing=(0.5, 0.6, 3.0))
+    labels = np.zeros(study.shape, np.uint8)
+    labels[1:3, 2:5, 2:6] = 1
+    labels[4, 2:5, 2:6] = 2
+    path = write_labels(labels, tmp_path / "case_seg.nii.gz", study)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path), plugin="napari-spineseg")
+    assert list(layer.features["name"][:3]) == ["background", "vertebral body", "intervertebral disc"]
+    colour = layer.colormap.map(np.array([1]))[0]
     np.testing.assert_allclose(colour[:3], (0.90, 0.75, 0.20), atol=1e-3)
+    np.testing.assert_allclose(layer.scale, (3.0, 0.6, 0.5))
 
 
 @requires_display

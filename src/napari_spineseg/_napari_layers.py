@@ -49,13 +49,33 @@ def label_features(classes: Sequence[LabelClass]) -> dict[str, list]:
     return {"index": [c.value for c in classes], "name": [c.name for c in classes]}
 
 
+def follows_schema(array: np.ndarray, classes: Sequence[LabelClass] = DEFAULT_CLASSES) -> bool:
+    """True when every value of a label map is a class of ``classes`` (so schema names apply).
+
+    Instance or level maps (e.g. the lumbar datasets' L1..L5 ids 1..5, or 1..N bodies) use values
+    beyond the schema and must not be shown as "lesion" and the like.
+    """
+    known = {c.value for c in classes}
+    return bool(set(np.unique(array).tolist()) <= known)
+
+
 def labels_layer_data(
-    volume: Volume, classes: Sequence[LabelClass] = DEFAULT_CLASSES, name: str | None = None
+    volume: Volume, classes: Sequence[LabelClass] | None = DEFAULT_CLASSES, name: str | None = None
 ) -> tuple[np.ndarray, dict[str, Any], str]:
-    """``(data, kwargs, "labels")`` with the schema's names and fixed colours."""
+    """``(data, kwargs, "labels")`` with class names and fixed colours.
+
+    ``classes=None`` marks a map that does not follow the schema (instance/level ids): values
+    are named ``label N`` and coloured by napari's default cycle.
+    """
     from napari.utils.colormaps import DirectLabelColormap
 
     values = np.unique(volume.array)
+    if classes is None:
+        generic = [LabelClass(int(v), "background" if v == 0 else f"label {int(v)}", (0, 0, 0, 0)) for v in values]
+        kwargs = {"name": name or volume.name, "features": label_features(generic)}
+        kwargs.update(_placement(volume))
+        kwargs["metadata"]["spineseg_schema"] = False
+        return volume.array, kwargs, "labels"
     classes = extend_classes(classes, [int(v) for v in values])
     kwargs = {
         "name": name or volume.name,
@@ -64,6 +84,7 @@ def labels_layer_data(
     }
     kwargs.update(_placement(volume))
     kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in classes]
+    kwargs["metadata"]["spineseg_schema"] = True
     return volume.array, kwargs, "labels"
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import SpinesegError
 from .io import VOLUME_SUFFIXES, find_label_file, is_dicom_file, looks_like_label_file, volume_suffix
+from .schema import DEFAULT_CLASSES
 
 LayerData = tuple[Any, dict, str]
 
@@ -45,17 +46,27 @@ def napari_get_reader(path: Any) -> Callable[[Any], list[LayerData]] | None:
 
 
 def _layers_for_path(path: Path) -> list[LayerData]:
-    from ._napari_layers import image_layer_data, labels_layer_data
-    from .io import read_volume, read_volumes
+    from ._napari_layers import image_layer_data
 
     if looks_like_label_file(path):
-        return [labels_layer_data(read_volume(path))]
+        return [_labels_layer(path)]
+    from .io import read_volumes
+
     layers: list[LayerData] = [image_layer_data(v) for v in read_volumes(path)]
     label_path = find_label_file(path)
     if label_path is not None:
-        labels = read_volume(label_path)
-        layers.append(labels_layer_data(labels))
+        layers.append(_labels_layer(label_path))
     return layers
+
+
+def _labels_layer(path: Path) -> LayerData:
+    """A label map as a Labels layer: schema names/colours when its values are schema classes."""
+    from ._napari_layers import follows_schema, labels_layer_data
+    from .io import label_dtype, read_volume
+
+    labels = read_volume(path)
+    label_dtype(labels.array)  # clear error for non-integer or negative "labels"
+    return labels_layer_data(labels, None if not follows_schema(labels.array) else DEFAULT_CLASSES)
 
 
 def read_layers(path: Any) -> list[LayerData]:
