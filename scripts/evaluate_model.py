@@ -114,7 +114,7 @@ def main() -> None:
     ids = args.cases.split(",") if args.cases else validation_ids(model.metadata)
     if not ids:
         raise SystemExit("the model records no validation cases; pass --cases")
-    cases = [c for c in load_lumbar_dataset(data / "lumbar-mri") if c.case_id in ids]
+    cases = load_lumbar_dataset(data / "lumbar-mri", cases=ids)
     predictors = {"fused": Predictor(SegmentationSettings())}
     if not args.no_planes:
         predictors.update({p.value: Predictor(SegmentationSettings(planes=[p])) for p in ALL_PLANES})
