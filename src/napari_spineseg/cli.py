@@ -263,6 +263,26 @@ def _add_training_commands(commands) -> None:
 # --- end of training and evaluation commands -------------------------------------------------
 
 
+# --- fine-tuning from corrections (training engine) -------------------------------------------
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .training.finetune_command import run_finetune_command
+
+    return run_finetune_command(args)
+
+
+def _add_finetune_command(commands) -> None:
+    from .training.finetune_command import add_finetune_arguments
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a model on corrected label maps (writes a new model; the base is kept)"
+    )
+    add_finetune_arguments(finetune)
+    finetune.set_defaults(handler=cmd_finetune)
+
+
+# --- end of fine-tuning from corrections -------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -296,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=cmd_models)
 
     _add_training_commands(commands)
+    _add_finetune_command(commands)
 
     demo = commands.add_parser("demo", help="run the main job on the bundled sample study and model")
     demo.add_argument("--output-dir", default="demo-output", help="where the demo writes its files")

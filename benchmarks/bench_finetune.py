@@ -1,0 +1,336 @@
+"""Fine-tuning benchmarks: speed, Dice gain from three corrected slices, forgetting, and a
+SIMULATED-lesion experiment.
+
+Run: ``.venv/bin/python benchmarks/bench_finetune.py [--base MODEL] [--quick]``; prints a table and
+writes ``benchmarks/results/finetune.csv``.
+
+Base model: ``--base`` if given, else the bundled ``spineseg-default`` when it exists, else a
+*bootstrap* base trained here with the default recipe (4 classes, VB3 + IVD training cases only,
+``--bootstrap-steps``) and cached under ``~/.cache/napari-spineseg-bench``.
+
+1. **Speed**: steps/s of the fine-tuning loop for the default-size network (U-Net base 16,
+   depth 4, 2.5-D with one context slice each side, 256² crops, batch 8), measured on the
+   fine-tune of experiment 2 (data loading included, evaluations excluded).  Target: 200 steps
+   in ≤ 2.5 min on 2 CPU cores.
+2. **Unseen study**: a real case of a kind the base has not been trained on (a VB1 case —
+   other hospitals, sequences and pathology — the first VB1 case not in the base's training
+   set).  The annotator corrects the vertebral bodies on three sagittal slices (at the quartiles
+   of the bodies' left-right extent; the ground truth stands in for the annotator, who vouches for
+   the bodies only); the model is fine-tuned on that pair (only the changed slices are trusted) and
+   the vertebral-body Dice is
+   measured on all *other* labelled slices.  Target: ≥ +5 points.  Forgetting: per-class Dice on
+   the fixed validation set before/after.  Target: ≤ 1 point loss.
+3. **Simulated lesions** (no labelled lesion MRI exists): two hemangioma-like lesions are planted
+   in vertebral bodies of a real case (:mod:`napari_spineseg.lesion_sim`); label 4 is painted on
+   three sagittal slices through the first one only; after fine-tuning, lesion Dice is measured on
+   every other slice (and on the second, never painted lesion alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_spineseg.augment import IGNORE
+from napari_spineseg.errors import ModelFileError
+from napari_spineseg.inference import Predictor, SegmentationSettings
+from napari_spineseg.lesion_sim import simulate_hemangioma
+from napari_spineseg.metrics import dice_score
+from napari_spineseg.modelfile import LoadedModel, load_model, resolve_model
+from napari_spineseg.orientation import Plane, plane_array_axis
+from napari_spineseg.schema import LESION, VERTEBRAL_BODY, default_classes
+from napari_spineseg.training.data import load_lumbar_dataset
+from napari_spineseg.training.finetune import CorrectionPair, FinetuneConfig, finetune, fixed_validation_ids
+
+RESULTS = Path(__file__).parent / "results"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lumbar-mri"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "napari-spineseg-bench"
+FIXED = ["VB3-01", "IVD-11"]  # held out of the default recipe's training and of the bootstrap base
+REFERENCES = ["VB3-06", "IVD-20"]  # replayed against forgetting (training cases of both)
+LESION_CASES = ["VB3-02", "VB3-04", "VB3-05"]
+BOOTSTRAP_HELD_OUT = {"VB3-01", "VB3-02", "VB3-04", "VB3-05", "IVD-11"}
+
+
+# ------------------------------------------------------------------------------------------------
+def resolve_base(args) -> tuple[Path, str]:
+    if args.base:
+        return resolve_model(args.base), "given"
+    try:
+        return resolve_model("spineseg-default"), "bundled spineseg-default"
+    except ModelFileError:
+        pass
+    path = CACHE / f"bootstrap-base-{args.bootstrap_steps}.safetensors"
+    if path.is_file():
+        return path, f"bootstrap base ({args.bootstrap_steps} steps, cached)"
+    from napari_spineseg.training import run_training
+    from napari_spineseg.training.recipes import get_recipe
+
+    print(f"no spineseg-default model: training a bootstrap base for {args.bootstrap_steps} steps", file=sys.stderr)
+    cases = [c for c in load_lumbar_dataset(args.data, ("VB3", "IVD")) if c.case_id not in BOOTSTRAP_HELD_OUT]
+    recipe = get_recipe(
+        "default",
+        steps=args.bootstrap_steps,
+        val_every=args.bootstrap_steps,
+        warmup_steps=min(100, args.bootstrap_steps // 5),
+        classes=default_classes()[:4],  # no lesion class: lesions are new in experiment 3
+        output=path,
+        model_name="bootstrap-base",
+        description="Bootstrap base for bench_finetune (default recipe, short, VB3 + IVD only).",
+    )
+    run_training(recipe.config, cases)
+    return path, f"bootstrap base ({args.bootstrap_steps} steps)"
+
+
+def predict(model, image, postprocess: bool = True) -> np.ndarray:
+    predictor = Predictor(SegmentationSettings(postprocess=postprocess))
+    predictor.load(model)
+    return predictor.predict(image).labels.array
+
+
+def take(axis: int, index: int) -> tuple:
+    sl: list = [slice(None)] * 3
+    sl[axis] = index
+    return tuple(sl)
+
+
+def run(events, label: str) -> tuple:
+    """Drain a fine-tuning generator; returns (result, step times)."""
+    stamps: list[float] = []
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            return stop.value, stamps
+        if event.kind == "step":
+            stamps.append(time.perf_counter())
+            if event.step % 25 == 0 or event.step == 1:
+                print(f"  [{label}] step {event.step}/{event.total_steps} loss {event.loss:.3f}", file=sys.stderr)
+        elif event.kind == "status":
+            print(f"  [{label}] {event.message}", file=sys.stderr)
+
+
+def forgetting_rows(name: str, result) -> list[dict]:
+    rows = []
+    before, after = result.before.get("fixed_validation", {}), result.after.get("fixed_validation", {})
+    for cls in before:
+        if cls in after:
+            rows.append(
+                row(name, f"fixed-set Dice: {cls}", before[cls], after[cls], "loss <= 1 point", fixed_note(result))
+            )
+    return rows
+
+
+def fixed_note(result) -> str:
+    return "fixed validation: " + ", ".join(fixed_validation_ids(result.metadata))
+
+
+def row(experiment, metric, before, after, target="", notes="") -> dict:
+    change = None if before is None or after is None else 100.0 * (after - before)
+    return {
+        "experiment": experiment,
+        "metric": metric,
+        "before": before,
+        "after": after,
+        "change_points": change,
+        "target": target,
+        "notes": notes,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+def unseen_study(args, base, base_path, fixed, references, config) -> tuple[list[dict], list[float]]:
+    trained = set(base.metadata.training.get("train_cases") or [])
+    vb1 = [c for c in load_lumbar_dataset(args.data, ("VB1",)) if c.case_id not in trained]
+    if not vb1:
+        raise SystemExit("every VB1 case was used to train the base: no unseen study to correct")
+    preferred = [c for c in vb1 if c.case_id == "VB1-07"]  # TIRM (fat-suppressed), a validation patient
+    study = (preferred or vb1)[0]
+    image, truth = study.image, study.labels.array
+    print(f"unseen study: {study.case_id}", file=sys.stderr)
+    prediction = predict(base, image)
+    axis = plane_array_axis(image.geometry, Plane.SAGITTAL)
+    others = tuple(a for a in range(3) if a != axis)
+    with_body = np.flatnonzero((truth == VERTEBRAL_BODY).any(axis=others))
+    chosen = [int(with_body[len(with_body) * q // 4]) for q in (1, 2, 3)]
+    corrected = prediction.copy()
+    for index in chosen:
+        sl = take(axis, index)
+        region, gt, fixed_slice = truth[sl] != IGNORE, truth[sl], corrected[sl]
+        fixed_slice[region & (gt == VERTEBRAL_BODY)] = VERTEBRAL_BODY
+        fixed_slice[region & (gt != VERTEBRAL_BODY) & (fixed_slice == VERTEBRAL_BODY)] = 0
+    # The stand-in annotator only knows the vertebral bodies (no disc/canal truth in VB1): it vouches for them alone.
+    pair = CorrectionPair(
+        image,
+        image.with_array(corrected),
+        image.with_array(prediction),
+        known_classes={VERTEBRAL_BODY},
+        name=study.case_id,
+    )
+    result, stamps = run(
+        finetune(base_path, [pair], config, reference_cases=references, fixed_validation=fixed), "unseen"
+    )
+    after_prediction = predict(LoadedModel(result.network, result.metadata), image)
+    keep = truth != IGNORE
+    for index in chosen:
+        keep[take(axis, index)] = False
+    before = dice_score((prediction == VERTEBRAL_BODY) & keep, (truth == VERTEBRAL_BODY) & keep)
+    after = dice_score((after_prediction == VERTEBRAL_BODY) & keep, (truth == VERTEBRAL_BODY) & keep)
+    name = f"unseen study {study.case_id}"
+    note = f"corrected sagittal slices {chosen}; Dice on the other {int(keep.any(axis=others).sum())} labelled slices"
+    rows = [row(name, "vertebral body Dice, other slices", before, after, ">= +5 points", note)]
+    return rows + forgetting_rows(name, result), stamps
+
+
+def simulated_lesions(args, base, base_path, fixed, references, config) -> list[dict]:
+    trained = set(base.metadata.training.get("train_cases") or [])
+    candidates = [c for c in LESION_CASES if c not in trained and c not in FIXED] or LESION_CASES
+    (case,) = load_lumbar_dataset(args.data, ("VB3",), cases=[candidates[0]])
+    rng = np.random.default_rng(args.seed)
+    image, labels, first = simulate_hemangioma(case.image, case.labels, rng, diameter_mm=(10.0, 16.0))
+    spacing = np.asarray(image.geometry.spacing_zyx)
+    for _ in range(10):
+        image2, labels2, second = simulate_hemangioma(image, labels, rng, diameter_mm=(10.0, 16.0))
+        if np.linalg.norm((np.subtract(second.centre_index, first.centre_index)) * spacing) > 20.0:
+            break
+    image, labels = image2, labels2
+    truth = labels.array
+    print(f"simulated lesions in {case.case_id}: {first} / {second}", file=sys.stderr)
+    prediction = predict(base, image)
+    axis = plane_array_axis(image.geometry, Plane.SAGITTAL)
+    centre = first.centre_index[axis]
+    painted = [centre - 1, centre, centre + 1]
+    corrected = prediction.copy()
+    for index in painted:
+        sl = take(axis, index)
+        gt, fixed_slice = truth[sl], corrected[sl]
+        wrong = (fixed_slice == LESION) & (gt != LESION)
+        fixed_slice[wrong] = np.where(gt[wrong] == VERTEBRAL_BODY, VERTEBRAL_BODY, 0)
+        fixed_slice[gt == LESION] = LESION
+    pair = CorrectionPair(
+        image,
+        image.with_array(corrected),
+        image.with_array(prediction),
+        known_classes={LESION},
+        name=f"{case.case_id}+sim",
+    )
+    lesion_config = dataclasses.replace(config, class_names={LESION: "lesion (simulated)"})
+    result, _ = run(
+        finetune(base_path, [pair], lesion_config, reference_cases=references, fixed_validation=fixed), "lesion"
+    )
+    after_prediction = predict(LoadedModel(result.network, result.metadata), image)
+    keep = np.ones(truth.shape, dtype=bool)
+    for index in painted:
+        keep[take(axis, index)] = False
+    second_box = np.zeros(truth.shape, dtype=bool)
+    half = (np.ceil(np.asarray(second.radii_mm) / spacing) + 3).astype(int)
+    second_box[tuple(slice(max(c - h, 0), c + h + 1) for c, h in zip(second.centre_index, half))] = True
+    name = f"SIMULATED lesions in {case.case_id}"
+    note = f"label 4 painted on sagittal slices {painted} of lesion 1 only; simulated hemangiomas, not real lesions"
+    rows = []
+    for label, region in (("lesion Dice, other slices", keep), ("lesion Dice, unpainted lesion 2", second_box & keep)):
+        before = dice_score((prediction == LESION) & region, (truth == LESION) & region)
+        after = dice_score((after_prediction == LESION) & region, (truth == LESION) & region)
+        rows.append(row(name, label, before, after, "", note))
+    region = (truth != IGNORE) & keep
+    body = [
+        dice_score((p == VERTEBRAL_BODY) & region, (truth == VERTEBRAL_BODY) & region)
+        for p in (prediction, after_prediction)
+    ]
+    rows.append(row(name, "vertebral body Dice, other slices", *body, "", "lesion voxels count as not-body"))
+    rows.append(
+        row(name, "new class", None, None, "", ", ".join(f"{c.value}={c.name}" for c in result.new_classes) or "none")
+    )
+    return rows + forgetting_rows(name, result)
+
+
+# ------------------------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", help="base model (name or .safetensors); default spineseg-default or bootstrap")
+    parser.add_argument("--data", default=str(DATA), help="lumbar-mri folder")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--bootstrap-steps", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="20 steps, for a smoke run")
+    parser.add_argument("--skip-lesion", action="store_true", help="skip the simulated-lesion experiment")
+    parser.add_argument("--only-lesion", action="store_true", help="only the simulated-lesion experiment")
+    parser.add_argument("--replay-fraction", type=float, default=0.3)
+    parser.add_argument("--distill-weight", type=float, default=3.0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.steps = min(args.steps, 20)
+    base_path, source = resolve_base(args)
+    base = load_model(base_path)
+    print(f"base: {base.metadata.name} [{source}] {base_path}", file=sys.stderr)
+    recorded = base.metadata.training.get("fixed_validation")
+    fixed = None if recorded else load_lumbar_dataset(args.data, ("VB3", "IVD"), cases=FIXED)
+    references = load_lumbar_dataset(args.data, ("VB3", "IVD"), cases=REFERENCES)
+    config = FinetuneConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=8,
+        crop_size=256,
+        val_every=args.steps,
+        replay_fraction=args.replay_fraction,
+        distill_weight=args.distill_weight,
+        num_threads=args.threads,
+    )
+
+    rows, stamps = [], []
+    if not args.only_lesion:
+        rows, stamps = unseen_study(args, base, base_path, fixed, references, config)
+    per_step = float(np.median(np.diff(stamps))) if len(stamps) > 2 else float("nan")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    speed_note = (
+        f"unet base16 depth4 ctx1, crop 256, batch 8, {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} during the run"
+    )
+    speed = [
+        row("speed", "fine-tune steps/s", None, 1.0 / per_step, ">= 1.33 (200 steps <= 2.5 min)", speed_note),
+        row("speed", "seconds for 200 steps", None, 200 * per_step, "<= 150", speed_note),
+    ]
+    if not args.skip_lesion:
+        rows += simulated_lesions(args, base, base_path, fixed, references, config)
+    rows = rows if args.only_lesion else speed + rows
+    for r in rows:
+        r["base"] = f"{base.metadata.name} ({source})"
+        r["steps"] = args.steps
+        r["lr"] = args.lr
+        r["replay_fraction"] = args.replay_fraction
+        r["distill_weight"] = args.distill_weight
+    print(
+        f"\nbase model: {base.metadata.name} [{source}]; {args.steps} steps, lr {args.lr}, "
+        f"replay {args.replay_fraction}, distillation {args.distill_weight}"
+    )
+    print(f"{'experiment':34s} {'metric':36s} {'before':>8s} {'after':>8s} {'change':>8s}  target")
+    for r in rows:
+        fmt = lambda v: "" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # noqa: E731
+        change = "" if r["change_points"] is None else f"{r['change_points']:+.1f}"
+        print(
+            f"{r['experiment'][:34]:34s} {r['metric'][:36]:36s} {fmt(r['before']):>8s} {fmt(r['after']):>8s} "
+            f"{change:>8s}  {r['target'] or (r['notes'] if r['metric'] == 'new class' else '')}"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("finetune-lesion.csv" if args.only_lesion else "finetune.csv")
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

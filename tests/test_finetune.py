@@ -1,0 +1,429 @@
+"""Fine-tuning from corrections: trusted targets, new classes, replay/priority sampling, fixed
+validation across rounds, cancel, never overwriting the base, and the ``spineseg finetune`` CLI.
+
+Tiny on purpose: 64×64×16 phantoms and a 4-class U-Net (base 4, depth 2, sagittal plane) trained
+for a few seconds; torch runs on one thread here (the machine's 2 cores are shared).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_spineseg.augment import IGNORE
+from napari_spineseg.cli import main
+from napari_spineseg.errors import Cancelled, GeometryMismatchError, InputError
+from napari_spineseg.io import write_volume
+from napari_spineseg.modelfile import ModelMetadata, load_model, save_model
+from napari_spineseg.models import build_model
+from napari_spineseg.orientation import Plane, plane_array_axis
+from napari_spineseg.phantom import make_phantom
+from napari_spineseg.preprocess import PreprocessConfig
+from napari_spineseg.schema import LESION, VERTEBRAL_BODY, default_classes
+from napari_spineseg.training import TrainConfig, TrainingCase, run_training
+from napari_spineseg.training.finetune import (
+    CorrectionPair,
+    FinetuneConfig,
+    _fuse_new_rows,
+    _grow_head,
+    _ReplayDistillation,
+    _speed_up_new_rows,
+    build_finetune_dataset,
+    case_record,
+    cases_from_base_metadata,
+    correction_targets,
+    finetune,
+    fixed_validation_ids,
+    load_case_record,
+    run_finetune,
+    save_finetuned,
+)
+from napari_spineseg.volume import Volume
+
+SIZE, SPACING = (64, 64, 16), (3.5, 3.5, 8.0)
+PAINTED = [6, 7, 8]  # sagittal slices (array axis 0 of these PIR phantoms) where "lesion" is painted
+PREPROCESS = PreprocessConfig(pixel_spacing_mm=None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def phantom_case(seed: int) -> TrainingCase:
+    phantom = make_phantom(size=SIZE, spacing=SPACING, seed=seed, contrast="T1" if seed % 2 == 0 else "T2")
+    labels = phantom.labels.with_array(phantom.labels.array.astype(np.uint8))
+    return TrainingCase(phantom.image, labels, {1, 2, 3}, f"phantom-{seed}", "phantom", f"phantom-{seed}")
+
+
+def painted_labels(case: TrainingCase, slices=PAINTED) -> np.ndarray:
+    """The truth with a "lesion" (4) painted over the vertebral body inside a box on ``slices``."""
+    labels = case.labels.array.copy()
+    box = np.zeros(labels.shape, dtype=bool)
+    box[slices, 20:40, 15:50] = True
+    labels[box & (labels == VERTEBRAL_BODY)] = LESION
+    assert np.count_nonzero(labels == LESION) > 50
+    return labels
+
+
+def fast_config(**overrides) -> FinetuneConfig:
+    options = {"steps": 12, "lr": 1e-4, "batch_size": 4, "crop_size": 64, "val_every": 12, "device": "cpu"}
+    return FinetuneConfig(**{**options, "mixed_precision": "off", **overrides})
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory) -> Path:
+    """A 4-class (no lesion) sagittal U-Net trained briefly on two phantoms."""
+    config = TrainConfig(
+        architecture_kwargs={"base": 4, "depth": 2},
+        classes=default_classes()[:4],
+        loss="ce",
+        lr=1e-2,
+        schedule="none",
+        steps=150,
+        batch_size=8,
+        val_every=150,
+        crop_size=64,
+        planes=["sagittal"],
+        preprocess=PREPROCESS,
+        augment=None,
+        mixed_precision="off",
+        device="cpu",
+        sampling="balanced",
+        foreground_only=True,
+    )
+    torch.manual_seed(0)
+    network = run_training(config, [phantom_case(0), phantom_case(1)]).network
+    metadata = ModelMetadata(
+        "tiny",
+        "unet",
+        {k: v for k, v in network.arch_kwargs.items() if k not in ("in_channels", "num_classes")},
+        classes=default_classes()[:4],
+        context_slices=1,
+        preprocess=PREPROCESS.to_dict(),
+        planes=["sagittal"],
+    )
+    return save_model(network, metadata, tmp_path_factory.mktemp("base") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def fixed_case() -> TrainingCase:
+    return phantom_case(3)
+
+
+@pytest.fixture(scope="module")
+def study() -> TrainingCase:
+    return phantom_case(5)
+
+
+@pytest.fixture(scope="module")
+def round1(base_path: Path, fixed_case: TrainingCase, study: TrainingCase):
+    """Round 1: "lesion" painted on three reviewed sagittal slices of a phantom, one reference case."""
+    before = base_path.read_bytes()
+    pair = CorrectionPair(
+        study.image, study.labels.with_array(painted_labels(study)), reviewed_slices={"sagittal": PAINTED}, name="s5"
+    )
+    result = run_finetune(
+        base_path,
+        [pair],
+        fast_config(steps=30, replay_fraction=0.3),
+        reference_cases=[phantom_case(1)],
+        fixed_validation=[fixed_case],
+    )
+    return result, before
+
+
+# ------------------------------------------------------------------------------------------------
+def test_new_class_from_three_painted_slices(round1, base_path: Path) -> None:
+    result, _ = round1
+    assert not result.cancelled and result.steps == 30
+    assert [c.value for c in result.new_classes] == [LESION]
+    assert result.new_classes[0].name == "lesion"
+    assert result.metadata.class_values == [0, 1, 2, 3, 4]
+    assert result.network.head.conv.out_channels == 5
+    # the base model could not predict a lesion; the before/after tables cover every class
+    assert result.before["corrections"]["lesion"] == 0.0
+    assert set(result.after["corrections"]) >= {"vertebral body", "lesion"}
+    # old classes on the fixed validation set stay within tolerance
+    for name, before in result.before["fixed_validation"].items():
+        assert before > 0.3, name  # the tiny base does segment the phantom
+        assert result.after["fixed_validation"][name] >= before - 0.1, name
+    training = result.metadata.training
+    assert training["finetuned_from"]["name"] == "tiny"
+    assert len(training["finetuned_from"]["content_sha256"]) == 64
+    assert training["finetuned_from"]["file_sha256"] and training["finetuned_from"]["path"] == str(base_path)
+    assert training["pairs"] == ["s5"] and training["steps"] == 30 and training["lr"] == 1e-4
+    assert training["new_classes"][0]["name"] == "lesion"
+    assert training["new_class_parents"] == {"4": VERTEBRAL_BODY}  # grown from the body's row
+    assert training["reference_cases"][0]["case_id"] == "phantom-1"
+    assert training["before"]["fixed_validation"] and training["after"]["corrections"]
+
+
+def test_grown_head_keeps_the_base_predictions() -> None:
+    torch.manual_seed(0)
+    network = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        old = network(x)
+        _grow_head(network, 5, {4: VERTEBRAL_BODY}, margin=1.5)
+        new = network(x)
+    assert new.shape[1] == 5 and network.arch_kwargs["num_classes"] == 5
+    assert torch.equal(new[:, :4], old)
+    assert torch.allclose(new[:, 4], old[:, VERTEBRAL_BODY] - 1.5, atol=1e-5)
+    assert torch.equal(new.argmax(1), old.argmax(1))
+
+
+def test_fast_new_rows_fuse_back_exactly() -> None:
+    torch.manual_seed(0)
+    network = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2).eval()
+    _grow_head(network, 5, {4: VERTEBRAL_BODY}, margin=1.0)
+    keys = {k: v.shape for k, v in network.state_dict().items()}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        grown = network(x)
+        assert _speed_up_new_rows(network, 4, 10.0)
+        assert torch.allclose(network(x), grown, atol=1e-5)
+        network.head.conv.new_weight.add_(0.01)  # one "Adam step" on u moves the row by 0.1
+        moved = network(x)
+    _fuse_new_rows(network)
+    assert {k: v.shape for k, v in network.state_dict().items()} == keys
+    with torch.no_grad():
+        assert torch.allclose(network(x), moved, atol=1e-5)
+        assert not torch.allclose(moved[:, 4], grown[:, 4]) and torch.allclose(moved[:, :4], grown[:, :4])
+
+
+def test_unreviewed_slices_are_ignore_in_the_targets(study: TrainingCase) -> None:
+    labels = painted_labels(study)
+    pair = CorrectionPair(study.image, study.labels.with_array(labels), reviewed_slices={"sagittal": PAINTED})
+    targets = correction_targets(pair)
+    axis = plane_array_axis(study.image.geometry, Plane.SAGITTAL)
+    assert axis == 0
+    trusted = np.zeros(labels.shape[axis], dtype=bool)
+    trusted[PAINTED] = True
+    assert np.all(targets.labels[~trusted] == IGNORE)
+    assert np.array_equal(targets.labels[trusted], labels[trusted])
+    assert targets.trusted_slices == {"sagittal": PAINTED}
+
+    # With the original prediction: only the slices that changed are trusted, found in the sagittal plane.
+    with_prediction = CorrectionPair(study.image, study.labels.with_array(labels), prediction=study.labels)
+    targets = correction_targets(with_prediction)
+    assert targets.edit_plane == "sagittal" and targets.trusted_slices == {"sagittal": PAINTED}
+    assert np.array_equal(targets.trusted, np.broadcast_to(trusted[:, None, None], labels.shape))
+    assert np.array_equal(targets.changed, labels != study.labels.array)
+
+    # In the other planes only the voxels on the reviewed slices are targets (a line per slice).
+    dataset = build_finetune_dataset(
+        [TrainingCase(study.image, study.labels.with_array(targets.labels), {1, 2, 3, 4}, "p", "c", "p")],
+        [targets.changed],
+        planes=["axial", "coronal", "sagittal"],
+        context_slices=1,
+        num_classes=5,
+        preprocess=PREPROCESS,
+        config=fast_config(),
+    )
+    sagittal = dataset.corrections.planes.index(Plane.SAGITTAL)
+    index = dataset.corrections.index
+    assert np.count_nonzero(index[:, 1] == sagittal) == len(PAINTED)
+    others = [i for i in range(len(index)) if index[i, 1] != sagittal]
+    assert others  # axial and coronal slices crossing the reviewed sagittal slices
+    weights = dataset.sample_weights()  # ... weigh less than the reviewed slices themselves
+    assert weights[index[:, 1] == sagittal].min() > 3 * weights[others].max()
+    for i in others:
+        _, target, _ = dataset.corrections.raw_sample(i)
+        columns = np.flatnonzero((target != IGNORE).any(axis=0))  # columns run left-right in both planes
+        assert len(columns) == len(PAINTED) and np.ptp(columns) == len(PAINTED) - 1
+
+
+def test_changed_slices_are_sampled_more(study: TrainingCase) -> None:
+    labels = painted_labels(study, slices=[7])
+    reviewed = {"sagittal": [3, 5, 7, 9, 11]}
+    pair = CorrectionPair(study.image, study.labels.with_array(labels), study.labels, reviewed)
+    targets = correction_targets(pair)
+    assert targets.trusted_slices == {"sagittal": [3, 5, 7, 9, 11]}
+    config = fast_config(replay_fraction=0.3, changed_priority=4.0)
+    dataset = build_finetune_dataset(
+        [TrainingCase(study.image, study.labels.with_array(targets.labels), {1, 2, 3, 4}, "p", "c", "p")],
+        [targets.changed],
+        [phantom_case(1)],
+        planes=["sagittal"],
+        context_slices=1,
+        num_classes=5,
+        preprocess=PREPROCESS,
+        config=config,
+    )
+    n = len(dataset.corrections)
+    assert n == 5 and dataset.changed.tolist() == [False, False, True, False, False]
+    weights = dataset.sample_weights()
+    assert weights[:n][dataset.changed][0] == pytest.approx(4 * weights[:n][~dataset.changed][0])
+    draws = torch.multinomial(
+        torch.as_tensor(weights), 20000, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
+    draws = draws.numpy()
+    replay_share = np.mean(draws >= n)
+    changed_share = np.mean(draws == int(np.flatnonzero(dataset.changed)[0])) / (1 - replay_share)
+    assert replay_share == pytest.approx(0.3, abs=0.02)
+    assert changed_share == pytest.approx(4 / 8, abs=0.03)  # 4 of 4+1+1+1+1, against 1/5 uniformly
+
+
+def test_replay_distillation_guards_only_replay_samples() -> None:
+    torch.manual_seed(0)
+    base = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2).eval()
+    student = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    student.load_state_dict(base.state_dict())
+    student.eval()  # batch-norm statistics frozen, as during fine-tuning
+    _grow_head(student, 5, {4: VERTEBRAL_BODY}, margin=6.0)
+    hook = _ReplayDistillation(base, 4, 1.0, "cpu", "fp32")
+    image = torch.randn(4, 3, 32, 32)
+    logits = student(image)
+    assert hook(student, {"image": image, "replay": torch.tensor([False] * 4)}, logits) is None
+    loss = hook(student, {"image": image, "replay": torch.tensor([True, False, True, False])}, logits)
+    assert 0 <= loss.item() < 0.05  # the grown model still agrees with its base
+    loss.backward()
+    with torch.no_grad():
+        student.head.conv.bias[4] += 8.0  # now "lesion" spreads over the bodies: the guard objects
+    with torch.no_grad():
+        assert hook(student, {"image": image, "replay": torch.tensor([True] * 4)}, student(image)).item() > 0.5
+
+
+def test_base_file_is_never_overwritten(round1, base_path: Path, tmp_path: Path, monkeypatch) -> None:
+    result, before = round1
+    assert base_path.read_bytes() == before
+    with pytest.raises(InputError, match="refusing to overwrite the base model"):
+        save_finetuned(result, base_path)
+    monkeypatch.setenv("SPINESEG_MODEL_DIR", str(base_path.parent))
+    with pytest.raises(InputError, match="refusing to overwrite the base model"):
+        save_finetuned(result, "tiny")  # the user model of that name *is* the base file
+    assert base_path.read_bytes() == before
+    monkeypatch.setenv("SPINESEG_MODEL_DIR", str(tmp_path / "models"))
+    saved = save_finetuned(result, "tiny lesion")
+    assert saved == tmp_path / "models" / "tiny lesion.safetensors"
+    loaded = load_model("tiny lesion")
+    assert loaded.metadata.name == "tiny lesion" and loaded.metadata.classes[-1].name == "lesion"
+
+
+def test_fixed_validation_is_carried_to_the_next_round(round1, fixed_case, study, tmp_path: Path) -> None:
+    result, _ = round1
+    assert fixed_validation_ids(result.metadata) == ["phantom-3"]
+    assert list(result.before["fixed_validation_cases"]) == ["phantom-3"]
+    first = save_finetuned(result, tmp_path / "round1.safetensors")
+    pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), study.labels, name="again")
+    # round 2: no fixed set given -> the recorded one is rebuilt (phantom config) and reused
+    second = run_finetune(first, [pair], fast_config(steps=3, replay_fraction=0.0))
+    assert fixed_validation_ids(second.metadata) == ["phantom-3"]
+    assert list(second.after["fixed_validation_cases"]) == ["phantom-3"]
+    assert second.new_classes == [] and second.network.head.conv.out_channels == 5
+    assert second.metadata.training["round"] == 2
+    assert [e["name"] for e in second.metadata.training["lineage"]] == ["tiny", result.metadata.name]
+    with pytest.raises(InputError, match="fixed set"):
+        run_finetune(first, [pair], fast_config(steps=1), fixed_validation=[phantom_case(4)])
+
+
+def test_cancel_stops_within_one_step_and_writes_nothing(base_path: Path, study, tmp_path: Path) -> None:
+    cancel = threading.Event()
+    pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), study.labels)
+    events = finetune(base_path, [pair], fast_config(steps=50, val_every=1000), cancel=cancel, fixed_validation=[])
+    steps = []
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if event.kind == "step":
+            steps.append(event.step)
+            cancel.set()
+    assert steps == [1]
+    assert result.cancelled and result.steps == 1 and result.after == {}
+    with pytest.raises(Cancelled):
+        save_finetuned(result, tmp_path / "never.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrections_must_share_the_grid_and_hold_something(study: TrainingCase) -> None:
+    shifted = Volume(
+        study.labels.array,
+        study.labels.geometry.__class__(
+            study.labels.geometry.size, (3.5, 3.5, 9.0), study.labels.geometry.origin, study.labels.geometry.direction
+        ),
+    )
+    with pytest.raises(GeometryMismatchError):
+        correction_targets(CorrectionPair(study.image, shifted))
+    with pytest.raises(InputError, match="empty corrections"):
+        correction_targets(CorrectionPair(study.image, study.labels, prediction=study.labels))
+    with pytest.raises(InputError, match="empty"):
+        correction_targets(CorrectionPair(study.image, study.labels.with_array(np.zeros_like(study.labels.array))))
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+@pytest.fixture()
+def files(tmp_path: Path, study: TrainingCase) -> dict[str, Path]:
+    paths = {
+        "image": write_volume(study.image, tmp_path / "study_img.nii.gz"),
+        "prediction": write_volume(study.labels, tmp_path / "study_pred.nii.gz"),
+        "labels": write_volume(study.labels.with_array(painted_labels(study)), tmp_path / "study_fixed.nii.gz"),
+    }
+    geometry = study.labels.geometry
+    other = geometry.__class__(geometry.size, (3.0, 3.5, 8.0), geometry.origin, geometry.direction)
+    paths["shifted"] = write_volume(Volume(study.labels.array, other), tmp_path / "shifted_seg.nii.gz")
+    return paths
+
+
+def _error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_errors_exit_1_with_one_line(files, base_path: Path, tmp_path: Path, capsys) -> None:
+    out = ["-o", str(tmp_path / "new.safetensors"), "-q"]
+    common = ["finetune", "--model", str(base_path), "--image", str(files["image"])]
+    assert main([*common, "--labels", str(files["shifted"]), *out]) == 1
+    line = _error_line(capsys)
+    assert "study_img.nii.gz" in line and "shifted_seg.nii.gz" in line and "geometry" in line
+    empty = [*common, "--labels", str(files["prediction"]), "--prediction", str(files["prediction"]), *out]
+    assert main(empty) == 1
+    assert "empty corrections" in _error_line(capsys)
+    unknown = ["finetune", "--model", "no-such-model", "--image", str(files["image"]), "--labels", str(files["labels"])]
+    assert main([*unknown, *out]) == 1
+    assert "unknown model 'no-such-model'" in _error_line(capsys)
+    assert main([*common, "--labels", str(files["labels"]), "-o", str(base_path), "-q"]) == 1
+    assert "refusing to overwrite the base model" in _error_line(capsys)
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+def test_cli_happy_path_writes_a_loadable_model(files, base_path: Path, tmp_path: Path, capsys) -> None:
+    before = base_path.read_bytes()
+    output = tmp_path / "models" / "fixed.safetensors"
+    args = ["finetune", "--model", str(base_path), "--image", str(files["image"]), "--labels", str(files["labels"])]
+    args += ["--slices", "sagittal:6,7,8", "--steps", "3", "--lr", "1e-3", "--batch-size", "4", "--crop", "64"]
+    args += ["--class-name", "4=hemangioma", "--precision", "off", "--device", "cpu", "-o", str(output), "-q"]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "hemangioma" in stdout and "before" in stdout and "after" in stdout
+    model = load_model(output)
+    assert model.metadata.class_values == [0, 1, 2, 3, 4]
+    assert model.metadata.classes[4].name == "hemangioma"
+    assert model.metadata.training["pair_details"][0]["trusted_slices"] == {"sagittal": [6, 7, 8]}
+    assert base_path.read_bytes() == before
+
+
+def test_case_records_from_a_trained_base_model(data_dir: Path) -> None:
+    root = data_dir / "lumbar-mri"
+    paths = [str(root / "VB3" / f"01_{kind}.nii.gz") for kind in ("img", "seg")]
+    paths += [str(root / "IVD" / f"11_{kind}.nii.gz") for kind in ("img", "seg")]
+    training = {"val_cases": ["VB3-01", "IVD-11", "VB3-99"], "data_paths": paths}
+    metadata = ModelMetadata("m", "unet", {}, training=training)
+    (first,) = cases_from_base_metadata(metadata, "val", limit=1)
+    assert first.case_id == "IVD-11"  # dealt round-robin over datasets, sorted; missing files skipped
+    record = case_record(first)
+    assert record["source"] == "lumbar" and record["known_classes"] == [2]
+    again = load_case_record(record)
+    assert again.case_id == "IVD-11" and np.array_equal(again.labels.array, first.labels.array)
+    assert [c.case_id for c in cases_from_base_metadata(metadata, "val")] == ["IVD-11", "VB3-01"]
