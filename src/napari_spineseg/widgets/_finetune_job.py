@@ -1,0 +1,149 @@
+"""The fine-tuning job behind the "Fine-tune model" widget (Qt-free adapter to the training engine).
+
+    job = start_finetune("spineseg-default", [(image, corrected, prediction)], steps=100, lr=1e-4,
+                         class_names={5: "hemangioma"}, cancel=threading.Event())
+    for event in job: ...          # FinetuneEvent: step/total_steps/loss; val_dice on validations
+    result = StopIteration.value   # napari_spineseg.training.finetune.FinetuneResult
+
+The widget only talks to this module; the work is :func:`napari_spineseg.training.finetune.finetune`.
+When the model's original prediction of a pair is known, only the slices the annotator changed
+are trusted (everything else is "not annotated"); without it the whole corrected map is trusted.
+Dice is reported on the corrected studies ("corrected/<class>") and, when the base model records
+one, on a fixed validation set ("fixed/<class>") that shows forgetting.  Nothing is written to
+disk: :func:`save_result` does that when the user asks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..augment import IGNORE
+from ..errors import Cancelled, InputError
+from ..schema import DEFAULT_CLASSES, LabelClass, class_for_value
+from ..volume import Volume
+from ._threads import gui_friendly_torch
+
+
+def label_values(array: np.ndarray) -> list[int]:
+    """Distinct non-zero values of a label array (fast path for small integer labels)."""
+    array = np.asarray(array)
+    if array.size == 0:
+        return []
+    if array.dtype.kind in "ub" or (array.dtype.kind == "i" and array.min() >= 0):
+        top = int(array.max())
+        if top < 1 << 16:
+            counts = np.bincount(array.ravel(), minlength=top + 1)
+            return [int(v) for v in np.flatnonzero(counts) if v != 0]
+    return [int(v) for v in np.unique(array) if v != 0]
+
+
+def preview_classes(
+    base: Sequence[LabelClass], values: Sequence[int], names: Mapping[int, str] | None = None
+) -> list[LabelClass]:
+    """The classes a fine-tuned model will have: the base classes (renamed per ``names``) plus one
+    per new label value (schema name for schema values, else "class N"; 255 is "not annotated")."""
+    names = {int(k): str(v).strip() for k, v in (names or {}).items() if str(v).strip()}
+    classes = [replace(c, name=names.get(c.value, c.name)) for c in base]
+    known = {c.value for c in classes}
+    for value in sorted({int(v) for v in values} - known - {0, IGNORE}):
+        schema = next((c for c in DEFAULT_CLASSES if c.value == value), None)
+        generated = schema or class_for_value(value, classes)
+        classes.append(LabelClass(value, names.get(value, generated.name), generated.color))
+    return classes
+
+
+@dataclass
+class FinetuneEvent:
+    step: int
+    total_steps: int
+    loss: float | None = None
+    val_dice: dict[str, float] | None = None  # "corrected/<class>" / "fixed/<class>" -> Dice
+    message: str = ""
+
+
+def start_finetune(
+    base_model: str,
+    pairs: Sequence[tuple[Volume, Volume, Volume | None]],
+    steps: int,
+    lr: float,
+    class_names: Mapping[int, str] | None,
+    cancel: threading.Event,
+    device: str = "auto",
+    validations: int = 4,
+) -> Generator[FinetuneEvent, None, Any]:
+    """Fine-tune ``base_model`` on ``(image, corrected labels, original prediction or None)`` pairs."""
+    from ..training.finetune import CorrectionPair, FinetuneConfig, finetune
+
+    if not pairs:
+        raise InputError("add at least one (image, corrected labels) pair")
+    correction_pairs = [
+        CorrectionPair(image, labels, prediction=prediction, name=labels.name) for image, labels, prediction in pairs
+    ]
+    config = FinetuneConfig(
+        steps=int(steps),
+        lr=float(lr),
+        class_names={int(k): v for k, v in (class_names or {}).items()},
+        device=device,
+        val_every=max(int(steps) // max(1, validations), min(int(steps), 25)),
+    )
+    events = finetune(base_model, correction_pairs, config, cancel=cancel)
+    with gui_friendly_torch():
+        try:
+            result = yield from _translated(events)
+        finally:
+            events.close()
+    if result is None or result.cancelled or cancel.is_set():
+        raise Cancelled("fine-tuning cancelled")
+    return result
+
+
+def _translated(events: Generator[Any, None, Any]) -> Generator[FinetuneEvent, None, Any]:
+    """The training engine's events as :class:`FinetuneEvent`; returns the engine's result."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            return stop.value
+        if event.kind == "step":
+            yield FinetuneEvent(event.step, event.total_steps, loss=event.loss)
+        elif event.kind == "validation":
+            dice = {str(k): float(v) for k, v in (event.val_dice or {}).items() if v is not None}
+            yield FinetuneEvent(event.step, event.total_steps, event.loss, dice, event.message)
+        elif event.message:
+            yield FinetuneEvent(event.step, event.total_steps, message=event.message)
+
+
+def save_result(result: Any, name: str) -> Path:
+    """Save a fine-tuned model as user model ``name`` (never over the base or an existing model)."""
+    from ..modelfile import safe_model_name, user_model_path
+    from ..training.finetune import save_finetuned
+
+    name = safe_model_name(name)
+    path = user_model_path(name)
+    if path.exists():
+        raise InputError(f"a model named {name!r} already exists ({path}); choose another name")
+    return save_finetuned(result, name)
+
+
+def dice_table(result: Any) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of the before/after Dice table of a fine-tuning result."""
+    groups = [("corrections", "corrected"), ("fixed_validation", "fixed set")]
+    groups = [(key, label) for key, label in groups if result.before.get(key) or result.after.get(key)]
+    headers = ["class"] + [f"{label} {when}" for _, label in groups for when in ("before", "after")]
+    rows = []
+    for label_class in result.metadata.classes:
+        if label_class.value == 0:
+            continue
+        row: list[Any] = [label_class.name]
+        for key, _ in groups:
+            for record in (result.before, result.after):
+                value = (record.get(key) or {}).get(label_class.name)
+                row.append(float("nan") if value is None else float(value))
+        rows.append(row)
+    return headers, rows

@@ -1,0 +1,375 @@
+"""The "Segment spine" dock widget: run a model on an image layer in a background thread."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ..errors import SpinesegError
+from ..volume import Volume
+from ._shared import (
+    LAYER_MODULES,
+    PLANE_NAMES,
+    PREDICTION_KEY,
+    RESULT_KEY,
+    LayerCombo,
+    ModelCombo,
+    Outcome,
+    checksum,
+    in_event_loop_turns,
+    is_kind,
+    layer_volume,
+    legend_html,
+    legend_label,
+    load_settings,
+    model_classes,
+    notify_error,
+    notify_info,
+    save_settings,
+    start_job,
+    unique_layer_name,
+    warm_up,
+)
+from ._threads import gui_friendly_torch
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+FUSIONS = ("mean", "weighted", "vote")
+
+
+def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: threading.Event):
+    """Worker body: load the model, segment, and prepare the layer data (no Qt, no layers).
+
+    Everything proportional to the study's size (unique values, percentiles, hashes, copies)
+    happens here, so the GUI thread only has to add the layers.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from .._napari_layers import image_layer_data, labels_layer_data
+    from ..inference import Predictor, ProgressEvent, SegmentationSettings
+    from ..schema import class_for_value, color_dict, extend_classes
+    from ._finetune_job import label_values
+
+    yield ProgressEvent("load", fraction=0.0)
+    with gui_friendly_torch():
+        predictor = Predictor(SegmentationSettings(**settings))
+        loaded = predictor.load(model)
+        result = yield from predictor.run(volume, cancel)
+    classes = extend_classes(loaded.metadata.classes, label_values(result.labels.array))
+    labels = labels_layer_data(result.labels, classes)
+    # Values an annotator may paint next (new structures) get the colour fine-tuning will give them.
+    colours = color_dict(classes)
+    top = max(c.value for c in classes)
+    colours.update({v: class_for_value(v, classes).color for v in range(top + 1, min(top + 11, 255))})
+    labels[1]["colormap"] = DirectLabelColormap(color_dict=colours)
+    labels[1]["metadata"][RESULT_KEY] = {
+        "kind": "labels",
+        "image": volume.name,
+        "model": result.model_name,
+        "planes": list(result.planes),
+        "checksum": checksum(result.labels.array),
+        "edited": False,
+    }
+    # The untouched prediction is kept so fine-tuning can tell which slices the annotator changed.
+    labels[1]["metadata"][PREDICTION_KEY] = np.array(result.labels.array, copy=True)
+    uncertainty = None
+    if result.uncertainty is not None:
+        uncertainty = image_layer_data(result.uncertainty)
+        uncertainty[1].update(colormap="inferno", contrast_limits=(0.0, 1.0), opacity=0.5, blending="additive")
+        uncertainty[1]["metadata"][RESULT_KEY] = {"kind": "uncertainty", "image": volume.name}
+    return _Output(result, classes, labels, uncertainty)
+
+
+@dataclass
+class _Output:
+    result: Any  # SegmentationResult
+    classes: list
+    labels: tuple  # layer data tuple
+    uncertainty: tuple | None
+
+
+def _available_devices() -> list[str]:
+    try:
+        from ..inference import available_devices
+
+        return available_devices()
+    except Exception:  # no usable torch: the run will report it
+        return ["cpu"]
+
+
+def is_edited(layer: Any) -> bool:
+    """Whether a Labels layer is not (or no longer) an untouched result of this widget."""
+    meta = (layer.metadata or {}).get(RESULT_KEY)
+    if not meta or meta.get("kind", "labels") != "labels":
+        return True
+    return bool(meta.get("edited")) or checksum(np.asarray(layer.data)) != meta.get("checksum")
+
+
+def _mark_edited(event: Any) -> None:
+    meta = (event.source.metadata or {}).get(RESULT_KEY)
+    if meta is not None:
+        meta["edited"] = True
+
+
+@dataclass
+class _Run:
+    image_name: str
+    cancel: threading.Event
+    progress: Any
+    settings: dict[str, Any] = field(default_factory=dict)
+    sync: bool = False
+
+
+class SegmentWidget(QWidget):
+    """Image + model + planes/fusion/device → a Labels layer (and optionally an uncertainty map)."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._run: _Run | None = None
+        self._worker: Any = None
+        self.last_layer: Any = None
+
+        self.image_combo = LayerCombo(napari_viewer, "image", self, studies_only=True)
+        self.model_combo = ModelCombo(self)
+        self.model_combo.currentIndexChanged.connect(self._show_model_legend)
+        self.plane_boxes = {name: QCheckBox(name, self) for name in PLANE_NAMES}
+        planes = QHBoxLayout()
+        for box in self.plane_boxes.values():
+            box.setChecked(True)
+            planes.addWidget(box)
+        self.fusion_combo = QComboBox(self)
+        self.fusion_combo.addItems(FUSIONS)
+        self.fusion_combo.setToolTip("mean: average probabilities; weighted: model's plane weights; vote: majority")
+        self.device_combo = QComboBox(self)
+        self.postprocess_box = QCheckBox("clean up (largest parts, fill holes)", self)
+        self.postprocess_box.setChecked(True)
+        self.uncertainty_box = QCheckBox("add an uncertainty map", self)
+        self.run_button = QPushButton("Run", self)
+        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button.setEnabled(False)
+        self.run_button.clicked.connect(lambda: self.run())
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.status = QLabel("", self)
+        self.status.setWordWrap(True)
+        self.legend = legend_label()
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Model", self.model_combo)
+        form.addRow("Planes", planes)
+        form.addRow("Fusion", self.fusion_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Post-processing", self.postprocess_box)
+        form.addRow("Uncertainty", self.uncertainty_box)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("<b>Legend</b>", self))
+        layout.addWidget(self.legend)
+        layout.addStretch(1)
+
+        self._set_devices(None)
+        # torch and pandas (the first Labels layer) take seconds to import: never on the GUI thread.
+        self.ready = warm_up((*LAYER_MODULES, "torch"), lambda: self._set_devices(_available_devices()))
+        self._restore_settings()
+        self._show_model_legend()
+
+    # Settings ----------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The current choices (as remembered between sessions)."""
+        return {
+            "model": self.model_combo.current_model(),
+            "planes": [name for name, box in self.plane_boxes.items() if box.isChecked()],
+            "fusion": self.fusion_combo.currentText(),
+            "device": DEVICES[max(self.device_combo.currentIndex(), 0)],
+            "postprocess": self.postprocess_box.isChecked(),
+            "uncertainty": self.uncertainty_box.isChecked(),
+        }
+
+    def _restore_settings(self) -> None:
+        saved = load_settings("segment")
+        if saved.get("model"):
+            self.model_combo.set_model(str(saved["model"]))
+        if isinstance(saved.get("planes"), list) and saved["planes"]:
+            for name, box in self.plane_boxes.items():
+                box.setChecked(name in saved["planes"])
+        if saved.get("fusion") in FUSIONS:
+            self.fusion_combo.setCurrentText(saved["fusion"])
+        if saved.get("device") in DEVICES:
+            self.device_combo.setCurrentIndex(DEVICES.index(saved["device"]))
+        self.postprocess_box.setChecked(bool(saved.get("postprocess", True)))
+        self.uncertainty_box.setChecked(bool(saved.get("uncertainty", False)))
+
+    def _set_devices(self, available: list[str] | None) -> None:
+        try:
+            current = max(self.device_combo.currentIndex(), 0)
+        except RuntimeError:  # widget closed before torch answered
+            return
+        self.device_combo.clear()
+        for device in DEVICES:
+            if available is None:
+                text = device if device in ("auto", "cpu") else f"{device} (checking…)"
+            elif device == "auto":
+                text = f"auto ({available[0]})"
+            else:
+                text = device if device in available else f"{device} (not available)"
+            self.device_combo.addItem(text)
+            usable = device in ("auto", "cpu") or (available is not None and device in available)
+            self.device_combo.model().item(self.device_combo.count() - 1).setEnabled(usable)
+        self.device_combo.setCurrentIndex(current)
+
+    def _show_model_legend(self, *_: Any) -> None:
+        classes = model_classes(self.model_combo.current_model())
+        self.legend.setText(legend_html(classes) if classes else "<i>choose a model</i>")
+
+    # Running -----------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._run is not None
+
+    def run(self, sync: bool = False) -> None:
+        """Segment the chosen image (``sync`` drains the job on this thread, for tests/scripts)."""
+        if self._run is not None:
+            notify_info("A segmentation is already running")
+            return
+        image = self.image_combo.current_layer()
+        model = self.model_combo.current_model()
+        if image is None:
+            notify_error("Open a study (an image layer) to segment first")
+            return
+        if model is None:
+            notify_error("Choose a model, or load a model file")
+            return
+        choices = self.settings()
+        if not choices["planes"]:
+            notify_error("Choose at least one plane")
+            return
+        try:
+            volume = layer_volume(image)
+        except SpinesegError as error:
+            notify_error(str(error))
+            return
+        save_settings("segment", choices)
+        settings = {
+            "planes": choices["planes"],
+            "fusion": choices["fusion"],
+            "device": choices["device"],
+            "postprocess": choices["postprocess"],
+            "uncertainty": "entropy" if choices["uncertainty"] else None,
+        }
+        from napari.utils import progress
+
+        cancel = threading.Event()
+        self._run = _Run(image.name, cancel, progress(total=1000, desc=f"Segmenting {image.name}"), settings, sync)
+        self._set_running(True)
+        self.status.setText(f"Loading {model}…")
+        job = partial(segment_job, volume, model, settings, cancel)
+        self._worker = start_job(job, "segmentation", self._on_progress, self._on_done, sync=sync)
+
+    def cancel(self) -> None:
+        """Stop at the next batch; nothing is added to the viewer."""
+        if self._run is not None:
+            self._run.cancel.set()
+            self.status.setText("Cancelling…")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+
+    def _on_progress(self, event: Any) -> None:
+        run = self._run
+        if run is None:
+            return
+        target = round(1000 * event.fraction)
+        if target > run.progress.n:
+            run.progress.update(target - run.progress.n)
+        if event.stage == "plane":
+            self.status.setText(f"{event.plane}: slice {event.done} of {event.total}")
+        elif event.stage == "fuse":
+            self.status.setText("Fusing planes…")
+
+    def _on_done(self, outcome: Outcome) -> None:
+        run, self._worker = self._run, None
+        if run is None:
+            return
+        run.progress.close()
+        if outcome.cancelled or run.cancel.is_set():
+            self.status.setText("Cancelled: nothing was added.")
+            notify_info("Segmentation cancelled: nothing was added")
+        elif outcome.error is not None:
+            self.status.setText(f"Failed: {outcome.error}")
+            notify_error(outcome.error)
+        else:
+            # One layer per event-loop turn: the viewer never waits for both at once.
+            steps = [partial(self._show_labels, run, outcome.value)]
+            if outcome.value.uncertainty is not None:
+                steps.insert(0, partial(self._show_uncertainty, run, outcome.value))
+            in_event_loop_turns(steps, self._finish, sync=run.sync)
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        self._run = None
+        self._set_running(False)
+
+    # Results (GUI thread) ----------------------------------------------------------------------
+    def _show_uncertainty(self, run: _Run, output: _Output) -> None:
+        data, kwargs, _ = output.uncertainty
+        name = f"{run.image_name} uncertainty"
+        existing = next((lay for lay in self.viewer.layers if lay.name == name and _is_ours(lay)), None)
+        if existing is not None:
+            existing.data = data
+        else:
+            self.viewer.add_image(data, **{**kwargs, "name": name})
+
+    def _show_labels(self, run: _Run, output: _Output) -> None:
+        result = output.result
+        base = f"{run.image_name} segmentation"
+        data, kwargs, _ = output.labels
+        layer = self._replaceable(run.image_name, data.shape)
+        if layer is not None:
+            layer.data = data
+            for key in ("colormap", "features", "metadata", "scale", "translate"):
+                setattr(layer, key, kwargs[key])
+            layer.visible = True
+        else:
+            layer = self.viewer.add_labels(data, **{**kwargs, "name": unique_layer_name(self.viewer, base)})
+            layer.events.paint.connect(_mark_edited)
+        self.last_layer = layer
+        self.legend.setText(legend_html(output.classes))
+        planes = ", ".join(result.planes)
+        self.status.setText(f"{layer.name}: {result.model_name} ({planes}) in {result.seconds:.1f} s")
+        for warning in result.warnings:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"{run.image_name}: {warning}")
+
+    def _replaceable(self, image_name: str, shape: tuple) -> Any:
+        """An earlier, unedited result for the same image (edited ones are never overwritten)."""
+        for layer in reversed(list(self.viewer.layers)):
+            meta = (layer.metadata or {}).get(RESULT_KEY)
+            if not (is_kind(layer, "labels") and meta and meta.get("image") == image_name):
+                continue
+            if layer.data.shape == shape and not is_edited(layer):
+                return layer
+        return None
+
+    # Used by the fine-tune widget --------------------------------------------------------------
+    def segment_with(self, model: str, image_layer: Any, sync: bool = False) -> None:
+        """Select ``model`` and ``image_layer`` and run."""
+        self.model_combo.refresh(select=model)
+        self.image_combo.set_layer(image_layer)
+        self.run(sync=sync)
+
+
+def _is_ours(layer: Any) -> bool:
+    return (layer.metadata or {}).get(RESULT_KEY) is not None
