@@ -382,3 +382,48 @@ def test_settings_are_remembered(viewer, tiny_model) -> None:
     viewer.window.add_dock_widget(second, name="second")
     assert second.settings() == {**first.settings(), "model": "tiny"}
     assert second.settings()["planes"] == ["axial", "sagittal"] and second.settings()["fusion"] == "vote"
+
+
+def test_a_crashing_worker_leaves_the_viewer_and_the_edits_intact(
+    viewer, tiny_model, dirs, qtbot, notifications, monkeypatch, tmp_path
+) -> None:
+    from napari_spineseg.inference import Predictor
+    from napari_spineseg.io import read_volume
+
+    segment = dock(viewer, "Segment spine")
+    segment.run(sync=True)
+    labels = segment.last_layer
+    labels.data_setitem((np.array([3]), np.array([30]), np.array([30])), 2)  # an unsaved correction
+    edited = np.array(labels.data, copy=True)
+    names = [layer.name for layer in viewer.layers]
+
+    def crashing_run(self, volume, cancel=None):
+        yield from ()
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(Predictor, "run", crashing_run)
+    segment.run()
+    qtbot.waitUntil(lambda: not segment.running, timeout=30_000)
+    assert any("simulated device failure" in e for e in errors(notifications))
+    assert [layer.name for layer in viewer.layers] == names
+    np.testing.assert_array_equal(labels.data, edited)
+    assert segment.run_button.isEnabled()
+
+    def crashing_finetune(*args, **kwargs):
+        yield from ()
+        raise RuntimeError("simulated training failure")
+
+    monkeypatch.setattr("napari_spineseg.training.finetune.finetune", crashing_finetune)
+    finetune = dock(viewer, "Fine-tune model")
+    finetune.add_pair(viewer.layers[0], labels)
+    finetune.start()
+    qtbot.waitUntil(lambda: finetune._run is None, timeout=60_000)
+    assert any("simulated training failure" in e for e in errors(notifications))
+    assert finetune.result is None and not finetune.save_button.isEnabled()
+    assert sorted(p.name for p in dirs.iterdir()) == ["tiny.safetensors"]
+    np.testing.assert_array_equal(labels.data, edited)
+
+    review = dock(viewer, "Review segmentation")  # the corrections can still be saved
+    review.labels_combo.set_layer(labels)
+    review.export_labels(tmp_path / "unsaved.nii.gz", sync=True)
+    np.testing.assert_array_equal(read_volume(review.exported).array, edited)

@@ -114,8 +114,13 @@ class Outcome:
     cancelled: bool = False
 
 
+_IMPORT_LOCK = threading.Lock()  # one warm-up at a time: torch must not be imported by two threads at once
+
+
 def guarded(job: Callable[[], Generator[Any, None, Any]], what: str) -> Generator[Any, None, Outcome]:
     """Run ``job()`` (a generator) and turn its end into an :class:`Outcome` (never raises)."""
+    with _IMPORT_LOCK:  # let a running warm-up finish its imports first (no two threads import torch)
+        pass
     try:
         value = yield from job()
     except Cancelled:
@@ -195,35 +200,48 @@ def in_event_loop_turns(steps: Sequence[Callable[[], None]], finish: Callable[[]
         finish()
 
 
-def warm_up(modules: Iterable[str], on_done: Callable[[], None] | None = None) -> threading.Event:
+def warm_up(modules: Iterable[str], on_done: Callable[[], None] | None = None, parent: Any = None) -> threading.Event:
     """Import ``modules`` in a background thread; the returned event is set when they are loaded.
 
     torch, pandas (napari's Labels features) and ``torch._dynamo`` (imported by every torch
     optimizer) take seconds to import: done on first use they would freeze the viewer.
-    ``on_done`` runs on the GUI thread afterwards.
+    ``on_done`` runs on the GUI thread afterwards, polled by a timer owned by ``parent`` (so a
+    widget closed meanwhile is never called back).  The thread is a daemon with no Qt objects:
+    closing the viewer while it imports is safe.
     """
     done = threading.Event()
-    missing = [name for name in modules if name not in sys.modules]
-    if not missing:
-        done.set()
-        if on_done is not None:
-            on_done()
-        return done
 
     def job() -> None:
-        for name in missing:
-            try:
-                importlib.import_module(name)
-            except Exception as error:  # reported when the module is really needed
-                logger.warning("cannot import %s: %s", name, error)
+        with _IMPORT_LOCK:
+            for name in modules:
+                if name in sys.modules:
+                    continue
+                try:
+                    importlib.import_module(name)
+                except Exception as error:  # reported when the module is really needed
+                    logger.warning("cannot import %s: %s", name, error)
         done.set()
 
-    from napari.qt.threading import create_worker
-
-    worker = create_worker(job, _start_thread=False)
+    if all(name in sys.modules for name in modules):
+        done.set()
+    else:
+        threading.Thread(target=job, name="spineseg-warm-up", daemon=True).start()
     if on_done is not None:
-        worker.returned.connect(lambda _: on_done())
-    worker.start()
+        if done.is_set():
+            on_done()
+        else:
+            from qtpy.QtCore import QTimer
+
+            timer = QTimer(parent)
+            timer.setInterval(100)
+
+            def poll() -> None:
+                if done.is_set():
+                    timer.stop()
+                    on_done()
+
+            timer.timeout.connect(poll)
+            timer.start()
     return done
 
 

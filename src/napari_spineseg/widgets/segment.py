@@ -179,7 +179,7 @@ class SegmentWidget(QWidget):
 
         self._set_devices(None)
         # torch and pandas (the first Labels layer) take seconds to import: never on the GUI thread.
-        self.ready = warm_up((*LAYER_MODULES, "torch"), lambda: self._set_devices(_available_devices()))
+        self.ready = warm_up((*LAYER_MODULES, "torch"), lambda: self._set_devices(_available_devices()), self)
         self._restore_settings()
         self._show_model_legend()
 
