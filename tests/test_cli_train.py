@@ -135,3 +135,68 @@ def test_distributed_training_with_two_gloo_processes(tmp_path):
     rows = (tmp_path / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header + one row per validation, written by rank 0 only
     assert np.isfinite(float(rows[-1].split(",")[2]))
+
+
+def _torchrun_log(tmp_path: Path, data_dir: Path, processes: int, global_batch: int = 8) -> list[dict[str, str]]:
+    """Train the same recipe, data and seed under torchrun with ``processes`` gloo ranks."""
+    import csv
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside the interpreter")
+    log = tmp_path / f"log{processes}.csv"
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "napari_spineseg.training.distributed",
+        "--backend",
+        "gloo",
+        "--recipe",
+        "unet-bce",
+        "--data",
+        str(data_dir / "lumbar-mri"),
+        "--datasets",
+        "VB3",
+        "--val-patients",
+        "VB3-01",
+        "--steps",
+        "80",
+        "--val-every",
+        "40",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        str(global_batch // processes),  # per process: the same global batch
+        "--crop",
+        "96",
+        "--planes",
+        "sagittal",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+        "-o",
+        str(tmp_path / f"m{processes}.safetensors"),
+        "--log-csv",
+        str(log),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with log.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one(tmp_path, data_dir):
+    """Same data, seed and global batch: 2 DDP ranks reach the metrics of 1 process (within noise)."""
+    single, double = _torchrun_log(tmp_path, data_dir, 1), _torchrun_log(tmp_path, data_dir, 2)
+    assert [r["step"] for r in single] == [r["step"] for r in double] == ["40", "80"]
+    for one, two in zip(single, double):  # gradient averaging: the same loss curve up to sampling noise
+        assert abs(float(one["train_loss"]) - float(two["train_loss"])) < 0.05, (one, two)
+    best_one = max(float(r["val_mean_dice"]) for r in single)
+    best_two = max(float(r["val_mean_dice"]) for r in double)
+    assert min(best_one, best_two) > 0.6 and abs(best_one - best_two) < 0.15, (best_one, best_two)
