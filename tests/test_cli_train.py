@@ -200,3 +200,26 @@ def test_two_gloo_processes_train_like_one(tmp_path, data_dir):
     best_one = max(float(r["val_mean_dice"]) for r in single)
     best_two = max(float(r["val_mean_dice"]) for r in double)
     assert min(best_one, best_two) > 0.6 and abs(best_one - best_two) < 0.15, (best_one, best_two)
+
+
+def test_train_init_starts_from_an_existing_model(tmp_path, capsys):
+    """``--init``: architecture, classes and weights come from the given model (fine-tuning on a dataset)."""
+    import torch
+
+    from napari_spineseg.modelfile import ModelMetadata, save_model
+    from napari_spineseg.models import build_model
+
+    torch.manual_seed(1)
+    net = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    classes = [c for c in ModelMetadata("x", "unet", {}).classes if c.value < 4]
+    base = tmp_path / "base.safetensors"
+    save_model(net, ModelMetadata("base", "unet", {"base": 4, "depth": 2}, classes=classes, context_slices=1), base)
+    output = tmp_path / "init.safetensors"
+    argv = ["train", *TINY_TRAIN, "--phantoms", "1", "--lr", "1e-12", "--init", str(base), "-o", str(output), "-q"]
+    assert main(argv) == 0, capsys.readouterr().err
+    trained = load_model(output)
+    assert trained.metadata.architecture_kwargs["base"] == 4 and trained.metadata.num_classes == 4
+    assert trained.metadata.training["config"]["init_from"] == str(base)
+    for name, value in net.state_dict().items():  # lr 1e-12: still the base weights
+        if value.dtype.is_floating_point and "running" not in name:
+            torch.testing.assert_close(trained.network.state_dict()[name], value, atol=1e-6, rtol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="MODEL.safetensors", help="best model file")
     parser.add_argument("--log", "--log-csv", dest="log", metavar="CSV", help="CSV log (one row per validation)")
     parser.add_argument("--resume", metavar="CKPT", help="resume from a .resume.safetensors checkpoint")
+    parser.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from this model (name or .safetensors): its architecture, classes, preprocessing and weights",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -77,6 +83,10 @@ def prepare_run(args: argparse.Namespace):
         log_csv=Path(args.log).expanduser() if args.log else None,
         resume=Path(args.resume).expanduser() if args.resume else None,
     )
+    if getattr(args, "init", None):
+        from .loop import config_from_model
+
+        recipe = dataclasses.replace(recipe, config=config_from_model(recipe.config, args.init))
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else recipe.datasets
     n_phantoms = recipe.phantoms if args.phantoms is None else int(args.phantoms)
     if args.data is None and n_phantoms <= 0:

@@ -34,7 +34,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class TrainConfig:
     output: Path | None = None
     log_csv: Path | None = None
     resume: Path | None = None
+    init_from: Path | str | None = None  # start from this model's weights (fine-tuning on a dataset)
     model_name: str = "spineseg-model"
     description: str = ""
     recipe: str = "custom"
@@ -345,7 +346,39 @@ def _build_network(config: TrainConfig):
     kwargs = dict(config.architecture_kwargs)
     kwargs.pop("in_channels", None)
     kwargs.pop("num_classes", None)
-    return build_model(config.architecture, in_channels=config.in_channels, num_classes=config.num_classes, **kwargs)
+    net = build_model(config.architecture, in_channels=config.in_channels, num_classes=config.num_classes, **kwargs)
+    if config.init_from is not None:
+        from ..modelfile import load_model
+
+        loaded = load_model(config.init_from)
+        try:
+            net.load_state_dict(loaded.network.state_dict(), strict=True)
+        except RuntimeError as error:
+            raise InputError(
+                f"{config.init_from}: its network does not match this run's ({config.architecture}, "
+                f"{config.in_channels} channels, {config.num_classes} classes): {str(error).splitlines()[0]}"
+            ) from None
+    return net
+
+
+def config_from_model(config: TrainConfig, name_or_path: str | Path) -> TrainConfig:
+    """``config`` set up to continue training an existing model: its architecture, input context,
+    classes, pre-/post-processing and planes, and its weights as the starting point."""
+    from ..modelfile import read_metadata, resolve_model
+    from ..preprocess import PreprocessConfig
+
+    path = resolve_model(name_or_path)
+    metadata = read_metadata(path)
+    return replace(
+        config,
+        architecture=metadata.architecture,
+        architecture_kwargs=dict(metadata.architecture_kwargs),
+        context_slices=metadata.context_slices,
+        classes=list(metadata.classes),
+        preprocess=PreprocessConfig.from_dict(metadata.preprocess) if metadata.preprocess else config.preprocess,
+        postprocess=dict(metadata.postprocess) or config.postprocess,
+        init_from=path,
+    )
 
 
 def _architecture_kwargs(network, config: TrainConfig) -> dict[str, Any]:
