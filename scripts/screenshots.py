@@ -94,7 +94,7 @@ class Shots:
         settle()
         path = self.out / filename
         self.viewer.screenshot(str(path), canvas_only=False, flash=False)
-        print(f"wrote {path.relative_to(ROOT)}", flush=True)
+        print(f"wrote {path}", flush=True)
         return path
 
 

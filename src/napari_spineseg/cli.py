@@ -78,9 +78,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _output_paths(volumes: Sequence[Any], output: Path | None, several_inputs: bool) -> list[Path]:
     """Where each segmented volume goes: a file (one study) or ``<name>_seg.nii.gz`` in a directory."""
     from .errors import InputError
-    from .io import default_output_path, volume_suffix
+    from .io import LABEL_SUFFIXES, default_output_path, volume_suffix
 
-    to_file = output is not None and volume_suffix(output) in (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".nhdr")
+    # ``.dcm``: a DICOM Segmentation (DICOM studies only)
+    to_file = output is not None and volume_suffix(output) in (*LABEL_SUFFIXES, ".dcm")
     if to_file:
         if len(volumes) > 1 or several_inputs:
             raise InputError(f"{output}: several studies need an output directory, not a file")
@@ -111,7 +112,52 @@ def _run_with_progress(predictor, volume, quiet: bool):
             bar.refresh()
 
 
+def _dicom_seg_path(option: str | None, destination: Path, several: bool) -> Path | None:
+    """``--dicom-seg PATH``: the file itself for one study, else ``PATH/<labels name>.dcm``."""
+    if not option:
+        return None
+    path = Path(option).expanduser()
+    if several or path.is_dir():
+        name = destination.name[: -len(".nii.gz")] if destination.name.endswith(".nii.gz") else destination.stem
+        return path / f"{name}.dcm"
+    return path
+
+
+def _is_cohort_input(inputs: Sequence[str]) -> bool:
+    from .cohort import is_cohort_directory
+
+    return len(inputs) == 1 and is_cohort_directory(inputs[0])
+
+
+def _segment_cohort(args: argparse.Namespace, settings: Any) -> int:
+    """``segment INPUT_DIR`` of studies (or with ``--scheduler``): one study per task, resumable, CSV report."""
+    from .cohort import REPORT_NAME, segment_cohort
+    from .errors import InputError
+
+    if len(args.inputs) != 1 or not Path(args.inputs[0]).expanduser().is_dir():
+        raise InputError("--scheduler segments a cohort: give one input directory")
+    if getattr(args, "dicom_seg", None):
+        raise InputError("--dicom-seg writes single studies; it is not available for a cohort directory")
+    report = Path(args.report or Path(args.output or args.inputs[0]) / REPORT_NAME).expanduser()
+    print(f"cohort {args.inputs[0]}: model {args.model}, scheduler {args.scheduler or 'serial'}", file=sys.stderr)
+    run = segment_cohort(
+        args.inputs[0], args.output, model=args.model, settings=settings, scheduler=args.scheduler, report=report
+    )
+    counts = dict.fromkeys(("done", "skipped", "error", "failed"), 0)
+    for progress in run:
+        result = progress.result
+        counts[result.status] += 1
+        position = f"[{progress.done}/{progress.total}]"
+        if result.status in ("error", "failed"):
+            print(f"spineseg: {result.status}: {position} {result.study}: {result.error}", file=sys.stderr)
+        elif not args.quiet or result.status == "done":
+            print(f"{position} {result.study}: {result.status} {result.seconds:.1f} s -> {result.output}")
+    print(", ".join(f"{n} {status}" for status, n in counts.items()) + f"; report -> {report}", file=sys.stderr)
+    return 1 if counts["error"] or counts["failed"] else 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
+    from .dicomseg import require_dicom_source, write_dicom_seg
     from .inference import Predictor, SegmentationSettings
     from .io import read_volumes, write_labels, write_volume
     from .orientation import Plane
@@ -125,6 +171,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty_mode if args.uncertainty else None,
         postprocess=not args.no_postprocess,
     )
+    if args.scheduler or _is_cohort_input(args.inputs):
+        return _segment_cohort(args, settings)
     predictor = Predictor(settings)
     model = predictor.load(args.model)  # model problems stop everything before any study is read
     print(f"model {model.metadata.name} on {predictor.device} ({predictor.precision})", file=sys.stderr)
@@ -140,8 +188,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
             continue
         for volume, destination in zip(volumes, outputs):
             try:
+                dicom_seg = _dicom_seg_path(args.dicom_seg, destination, len(volumes) > 1 or len(args.inputs) > 1)
+                if destination.suffix.lower() == ".dcm" or dicom_seg:
+                    require_dicom_source(volume)  # before the (slow) segmentation
                 result = _run_with_progress(predictor, volume, args.quiet)
-                write_labels(result.labels, destination)
+                if destination.suffix.lower() == ".dcm":
+                    write_dicom_seg(result.labels, volume, destination, model_metadata=model.metadata)
+                else:
+                    write_labels(result.labels, destination)
+                if dicom_seg:
+                    write_dicom_seg(result.labels, volume, dicom_seg, model_metadata=model.metadata)
+                    print(f"{volume.name}: DICOM-SEG -> {dicom_seg}")
                 if args.uncertainty and result.uncertainty is not None:
                     uncertainty_path = Path(args.uncertainty)
                     if len(volumes) > 1 or len(args.inputs) > 1:
@@ -283,6 +340,56 @@ def _add_finetune_command(commands) -> None:
 # --- end of fine-tuning from corrections -------------------------------------------------------
 
 
+# --- segmentation report -----------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .io import read_volume
+    from .modelfile import read_metadata, resolve_model
+    from .report import build_report, write_report
+    from .volume import check_same_grid
+
+    output = Path(args.output).expanduser()
+    json_path = Path(args.json).expanduser() if args.json else None
+    if output.suffix.lower() not in (".html", ".htm", ".json"):
+        raise InputError(f"{output}: the report must end in .html or .json")
+    if json_path is not None and json_path.suffix.lower() != ".json":
+        raise InputError(f"{json_path}: --json needs a path ending in .json")
+    metadata, note = None, "no model described (--model none)"
+    if args.model.strip().lower() != "none":  # model problems stop everything before any study is read
+        metadata = read_metadata(resolve_model(args.model))
+        note = (
+            "the segmentation file does not record which model produced it: this section describes "
+            f"model {metadata.name!r}, as named by --model"
+        )
+    study = read_volume(args.study)
+    labels = read_volume(args.seg)
+    check_same_grid(study, labels, what=f"study {args.study} and segmentation {args.seg}")
+    report = build_report(study, labels, metadata, model_note=note)
+    written = [write_report(report, output)]
+    if json_path is not None:
+        written.append(write_report(report, json_path))
+    bodies = sum(1 for level in report["levels"] if level["value"] == 1)
+    print(f"{bodies} vertebral bodies; {report['lesion_summary']} -> {', '.join(map(str, written))}")
+    return 0
+
+
+def _add_report_command(commands) -> None:
+    report = commands.add_parser(
+        "report", help="write a one-page HTML (or JSON) report of a segmentation: volumes, levels, lesions"
+    )
+    report.add_argument("study", metavar="STUDY", help="the study (file or DICOM directory)")
+    report.add_argument("seg", metavar="SEG", help="its label map (same voxel grid)")
+    report.add_argument("-o", "--output", required=True, help="report file: .html (one page) or .json")
+    report.add_argument("--json", metavar="PATH", help="also write the JSON record here")
+    report.add_argument(
+        "--model", default="spineseg-default", help="model described in the report (name, .safetensors path or none)"
+    )
+    report.set_defaults(handler=cmd_report)
+
+
+# --- end of segmentation report ----------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -298,7 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment studies with a model (three planes, fused)")
     segment.add_argument("inputs", nargs="+", metavar="INPUT", help="study files or DICOM directories")
-    segment.add_argument("-o", "--output", help="output file (one study) or directory; default <name>_seg.nii.gz")
+    segment.add_argument(
+        "-o",
+        "--output",
+        help="output file (one study) or directory; default <name>_seg.nii.gz; a .dcm file is a DICOM Segmentation",
+    )
+    segment.add_argument(
+        "--dicom-seg",
+        metavar="PATH",
+        help="also write a DICOM Segmentation referencing the source series (DICOM studies only)",
+    )
     segment.add_argument("--model", default="spineseg-default", help="model name or .safetensors path")
     segment.add_argument("--planes", default="axial,coronal,sagittal", help="comma-separated planes")
     segment.add_argument("--fusion", default="mean", choices=["mean", "weighted", "vote"])
@@ -309,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--uncertainty-mode", default="disagreement", choices=["disagreement", "entropy"])
     segment.add_argument("--no-postprocess", action="store_true", help="skip per-class post-processing")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    segment.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="segment the studies of one INPUT directory on Dask: local[:N] worker processes or a scheduler address",
+    )
+    segment.add_argument("--report", metavar="PATH", help="cohort CSV report (default OUTPUT_DIR/spineseg-report.csv)")
     segment.set_defaults(handler=cmd_segment)
 
     models = commands.add_parser("models", help="list bundled and user models")
@@ -317,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_training_commands(commands)
     _add_finetune_command(commands)
+    _add_report_command(commands)
 
     demo = commands.add_parser("demo", help="run the main job on the bundled sample study and model")
     demo.add_argument("--output-dir", default="demo-output", help="where the demo writes its files")

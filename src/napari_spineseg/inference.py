@@ -230,10 +230,11 @@ class Predictor:
             stack = plane_view(study.image, plane)
             target = plane_view(accumulator, plane)
             count = stack.shape[0]
-            for start in range(0, count, settings.batch_size):
+            batch_size = _batch_for_area(settings.batch_size, int(np.prod(stack.shape[1:3])), preprocess, study, plane)
+            for start in range(0, count, batch_size):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("segmentation cancelled")
-                indices = np.arange(start, min(start + settings.batch_size, count))
+                indices = np.arange(start, min(start + batch_size, count))
                 probabilities = self._infer_batch(study, stack, indices, plane, preprocess, metadata.context_slices)
                 if settings.fusion is FusionMode.VOTE:
                     winners = probabilities.argmax(axis=1)
@@ -252,7 +253,8 @@ class Predictor:
             accumulator, total_weight, plane_argmax, len(planes), settings.uncertainty is UncertaintyMode.ENTROPY
         )
         del accumulator
-        labels_canonical = class_values[fused_index].astype(np.uint8 if class_values.max() < 256 else np.uint16)
+        lookup = class_values.astype(np.uint8 if class_values.max() < 256 else np.uint16)
+        labels_canonical = lookup[fused_index]  # (an int64 lookup would briefly cost 8 bytes per voxel)
         labels_array = study.to_original(labels_canonical)
         if settings.postprocess and metadata.postprocess:
             config = PostprocessConfig.from_dict(metadata.postprocess)
@@ -345,6 +347,20 @@ class Predictor:
                 agree = (plane_argmax[:, start : start + chunk] == fused[start : start + chunk][None]).sum(axis=0)
                 uncertainty[start : start + chunk] = 1.0 - agree / np.float32(n_planes)
         return fused, uncertainty
+
+
+# Pixels per batch (at the model's pixel spacing): bounds the activations of a batch, whatever
+# the slice size (16 slices of 256², 4 of 512²): a 512³ study then segments in < 2 GB.
+BATCH_PIXEL_BUDGET = 16 * 256 * 256
+
+
+def _batch_for_area(requested: int, slice_pixels: int, preprocess: PreprocessConfig, study, plane: Plane) -> int:
+    """The batch size: at most ``requested`` slices and :data:`BATCH_PIXEL_BUDGET` network pixels."""
+    if preprocess.pixel_spacing_mm:
+        spacing = plane_pixel_spacing(study.spacing_zyx, plane)
+        scale = (spacing[0] / preprocess.pixel_spacing_mm) * (spacing[1] / preprocess.pixel_spacing_mm)
+        slice_pixels = int(slice_pixels * scale)
+    return max(1, min(int(requested), BATCH_PIXEL_BUDGET // max(1, slice_pixels)))
 
 
 def entropy_map(probabilities: np.ndarray) -> np.ndarray:

@@ -50,10 +50,14 @@ def compare_job(pred: Any, truth: Any, names: dict[int, str]):
     return evaluate_volumes(pred, truth, class_names=names)
 
 
-def export_job(array: np.ndarray, geometry: Any, path: str):
+def export_job(array: np.ndarray, geometry: Any, path: str, metadata: dict | None = None, name: str = "labels"):
     from ..io import write_labels
 
     yield "export"
+    if str(path).lower().endswith(".dcm"):  # a DICOM Segmentation of the layer's source series
+        from .._writer import dicom_seg_from_layer
+
+        return dicom_seg_from_layer(path, array, metadata or {}, geometry, name)
     return write_labels(array, path, geometry)
 
 
@@ -264,7 +268,8 @@ class ReviewWidget(QWidget):
                 self,
                 "Export labels",
                 str(folder / f"{layer.name}.nii.gz"),
-                "NIfTI (*.nii.gz *.nii);;MetaImage (*.mha *.mhd);;NRRD (*.nrrd)",
+                "NIfTI (*.nii.gz *.nii);;MetaImage (*.mha *.mhd);;NRRD (*.nrrd);;"
+                "DICOM Segmentation of a DICOM study (*.dcm)",
             )
             if not path:
                 return
@@ -274,7 +279,8 @@ class ReviewWidget(QWidget):
             notify_error(str(error))
             return
         self.export_button.setEnabled(False)
-        job = partial(export_job, np.array(volume.array, copy=True), volume.geometry, str(path))
+        metadata = dict(layer.metadata or {})
+        job = partial(export_job, np.array(volume.array, copy=True), volume.geometry, str(path), metadata, layer.name)
         start_job(job, "export", lambda _: None, partial(self._on_export, layer.name), sync=sync)
 
     def _on_export(self, name: str, outcome: Outcome) -> None:
