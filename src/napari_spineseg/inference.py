@@ -215,8 +215,14 @@ class Predictor:
         weights = self._plane_weights(planes)
         shape = study.image.shape
         # Fused accumulator over foreground classes only (background = total weight - sum).
+        # Large studies: an 8-bit accumulator of probabilities quantised to 1/252 of the total weight
+        # (argmax changes only where two classes are within ~1 %), half the memory of float16.
+        total_weight = float(sum(weights[p] for p in planes))
+        quantised = settings.fusion is not FusionMode.VOTE and np.prod(shape) * (n_classes - 1) * 2 > ACCUMULATOR_BYTES
         if settings.fusion is FusionMode.VOTE:
             accumulator = np.zeros((*shape, n_classes), dtype=np.uint8)
+        elif quantised:
+            accumulator = np.zeros((*shape, n_classes - 1), dtype=np.uint8)
         else:
             accumulator = np.zeros((*shape, n_classes - 1), dtype=np.float16)
         plane_argmax = (
@@ -240,6 +246,9 @@ class Predictor:
                     winners = probabilities.argmax(axis=1)
                     for c in range(n_classes):
                         target[indices, ..., c] += (winners == c).astype(np.uint8)
+                elif quantised:
+                    scaled = probabilities[:, 1:] * np.float32(QUANTISED_TOTAL * weights[plane] / total_weight)
+                    target[indices] += np.moveaxis(np.rint(scaled), 1, -1).astype(np.uint8)
                 else:
                     scaled = probabilities[:, 1:] * np.float32(weights[plane])
                     target[indices] += np.moveaxis(scaled, 1, -1).astype(np.float16)
@@ -248,9 +257,13 @@ class Predictor:
                 done_overall += len(indices)
                 yield ProgressEvent("plane", plane.value, int(indices[-1]) + 1, count, done_overall / max(total, 1))
         yield ProgressEvent("fuse", fraction=1.0)
-        total_weight = float(sum(weights[p] for p in planes))
         fused_index, uncertainty = self._fuse(
-            accumulator, total_weight, plane_argmax, len(planes), settings.uncertainty is UncertaintyMode.ENTROPY
+            accumulator,
+            QUANTISED_TOTAL if quantised else total_weight,
+            plane_argmax,
+            len(planes),
+            settings.uncertainty is UncertaintyMode.ENTROPY,
+            vote=settings.fusion is FusionMode.VOTE,
         )
         del accumulator
         lookup = class_values.astype(np.uint8 if class_values.max() < 256 else np.uint16)
@@ -324,13 +337,17 @@ class Predictor:
 
     @staticmethod
     def _fuse(
-        accumulator: np.ndarray, total_weight: float, plane_argmax: np.ndarray | None, n_planes: int, entropy: bool
+        accumulator: np.ndarray,
+        total_weight: float,
+        plane_argmax: np.ndarray | None,
+        n_planes: int,
+        entropy: bool,
+        vote: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Argmax of the fused accumulator (chunked along axis 0 to bound temporaries)."""
         shape = accumulator.shape[:3]
         fused = np.zeros(shape, dtype=np.uint8)
         uncertainty = np.zeros(shape, dtype=np.float32) if (plane_argmax is not None or entropy) else None
-        vote = accumulator.dtype == np.uint8
         chunk = max(1, (1 << 24) // max(1, int(np.prod(accumulator.shape[1:]))))
         for start in range(0, shape[0], chunk):
             part = accumulator[start : start + chunk].astype(np.float32)
@@ -352,6 +369,9 @@ class Predictor:
 # Pixels per batch (at the model's pixel spacing): bounds the activations of a batch, whatever
 # the slice size (16 slices of 256², 4 of 512²): a 512³ study then segments in < 2 GB.
 BATCH_PIXEL_BUDGET = 16 * 256 * 256
+# Above this size a float16 fusion accumulator gives way to an 8-bit one (e.g. 512³ with 3 classes).
+ACCUMULATOR_BYTES = 512 * 1024 * 1024
+QUANTISED_TOTAL = 252.0  # full certainty of all planes; rounding (≤ 0.5 per plane, 3 planes) stays ≤ 255
 
 
 def _batch_for_area(requested: int, slice_pixels: int, preprocess: PreprocessConfig, study, plane: Plane) -> int:
