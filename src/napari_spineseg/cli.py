@@ -458,6 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpinesegError as error:
         print(f"spineseg: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the system refused (name too long, permission, disk full): one line too
+        where = str(error.filename)[:200] + ": " if error.filename else ""
+        print(f"spineseg: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("spineseg: interrupted; no partial output was left", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -87,6 +88,9 @@ def _first_line(error: BaseException) -> str:
         if marker in text:
             text = text.rsplit(marker, 1)[1]
     text = re.sub(r"\w+IO\(0x[0-9a-f]+\):\s*", "", " ".join(text.split())).strip()
+    text = re.sub(r"Exception thrown in SimpleITK \w+:\s*", "", text)
+    text = re.sub(r"\S+\.(?:cxx|hxx|cpp|txx|h):\d+:(?:\s*\(\))?:?\s*", "", text).strip()
+    text = re.sub(r"\S*/\.[^/\s]+\.part[^\s:]*", "the temporary file", text)  # atomic_path's names
     if "Unable to determine ImageIO reader" in text:
         text = "not a recognised image format"
     elif "File cannot be read" in text or "trouble reading" in text:
@@ -105,20 +109,24 @@ def _nifti_sibling_clash(path: Path) -> bool:
     return False
 
 
-def _check_nifti_complete(path: Path, shown: Path) -> None:
+def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> None:
     """ITK reads a truncated NIfTI without complaint (missing voxels become 0): check sizes first."""
     import gzip
     import zlib
 
     import nibabel as nib
 
+    from ._precheck import check_declared_bytes
+
     try:
         header = nib.load(str(path)).header
-        needed = (
-            int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-        )
+        shape = tuple(int(s) for s in header.get_data_shape())
+        itemsize = header.get_data_dtype().itemsize
+        needed = int(header.get_data_offset()) + math.prod(shape) * itemsize  # exact: np.prod can overflow
     except Exception as error:  # nibabel raises many types for bad headers
         raise VolumeReadError(f"{shown}: corrupt or unrecognised NIfTI header ({_first_line(error)})") from None
+    if limit:
+        check_declared_bytes(shape, itemsize, shown)
     if path.name.lower().endswith(".gz"):
         available = 0
         try:
@@ -154,6 +162,11 @@ def _reader_image(path: Path, shown: Path | None = None):
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: corrupt or unrecognised header ({_first_line(error)})") from None
+    from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
+
+    item = sitk_item_bytes(sitk.GetPixelIDValueAsString(reader.GetPixelID()), reader.GetNumberOfComponents())
+    check_declared_bytes(tuple(reader.GetSize()), item, shown)
+    check_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), shown)
     try:
         image = reader.Execute()
     except RuntimeError as error:
@@ -221,6 +234,18 @@ def read_volume(path: str | os.PathLike) -> Volume:
 def read_volumes(path: str | os.PathLike) -> list[Volume]:
     """Read every volume at ``path``: one for a file, one per series for a DICOM directory."""
     path = Path(path).expanduser()
+    try:
+        return _read_volumes(path)
+    except OSError as error:  # the file vanished, an I/O error, a name too long, ...
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise VolumeReadError(f"{shown}: cannot read ({error.strerror or error})") from None
+    except ValueError as error:  # an embedded NUL byte in the path
+        if "null" not in str(error):
+            raise
+        raise VolumeReadError(f"{str(path)[:200]!r}: not a usable path ({error})") from None
+
+
+def _read_volumes(path: Path) -> list[Volume]:
     if not path.exists():
         raise VolumeReadError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -234,6 +259,12 @@ def read_volumes(path: str | os.PathLike) -> list[Volume]:
     suffix = volume_suffix(path)
     if not suffix:
         raise VolumeReadError(f"{path}: unknown format (expected {', '.join(VOLUME_SUFFIXES)} or DICOM)")
+    from ._precheck import check_metaimage_header, check_nrrd_header
+
+    if suffix in (".mha", ".mhd"):
+        check_metaimage_header(path, path)  # ITK's MetaIO crashes on some malformed headers
+    elif suffix in (".nrrd", ".nhdr"):
+        check_nrrd_header(path, path)
     image = _reader_image(path)
     metadata: dict[str, Any] = {"format": suffix.lstrip(".")}
     return [_finish(image, path, strip_suffix(path), metadata, [])]
@@ -245,6 +276,9 @@ def read_volumes(path: str | os.PathLike) -> list[Volume]:
 def _series_ids(directory: Path) -> list[str]:
     import SimpleITK as sitk
 
+    from ._precheck import check_dicom_directory
+
+    check_dicom_directory(directory)  # GDCM can allocate gigabytes for one corrupt element
     try:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
     except RuntimeError as error:
@@ -271,9 +305,10 @@ def _safe_dicom_tags(file_name: str) -> dict[str, str]:
 def _read_series(directory: Path, series_id: str) -> Volume:
     import SimpleITK as sitk
 
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
+    files = _series_files(directory, series_id)
     if not files:
         raise VolumeReadError(f"{directory}: DICOM series {series_id} has no readable files")
+    _check_series_size(files, directory)
     tags = _safe_dicom_tags(files[0])
     warnings: list[str] = []
     reader = sitk.ImageSeriesReader()
@@ -293,6 +328,35 @@ def _read_series(directory: Path, series_id: str) -> Volume:
     return _finish(image, directory, name, metadata, warnings)
 
 
+def _series_files(directory: Path, series_id: str) -> list[str]:
+    import SimpleITK as sitk
+
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
+    except RuntimeError as error:
+        raise VolumeReadError(f"{directory}: cannot list DICOM series {series_id} ({_first_line(error)})") from None
+
+
+def _check_series_size(files: list[str], directory: Path) -> None:
+    """Refuse a series whose slices declare more voxel data than a study may hold (before allocating)."""
+    import SimpleITK as sitk
+
+    from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # the series reader reports it
+    item = sitk_item_bytes(sitk.GetPixelIDValueAsString(reader.GetPixelID()), reader.GetNumberOfComponents())
+    size = list(reader.GetSize())
+    if len(size) == 3:
+        size[2] *= len(files)
+    check_declared_bytes(tuple(size), item, directory)
+    check_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), files[0])
+
+
 def _read_dicom_directory(directory: Path) -> list[Volume]:
     series = _series_ids(directory)
     if not series:
@@ -304,12 +368,10 @@ def _read_dicom_directory(directory: Path) -> list[Volume]:
 
 
 def _read_dicom_series_of_file(path: Path) -> Volume:
-    import SimpleITK as sitk
-
     directory = path.parent
     target = os.path.realpath(path)
     for series_id in _series_ids(directory):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id)
+        files = _series_files(directory, series_id)
         if target in {os.path.realpath(f) for f in files}:
             return _read_series(directory, series_id)
     raise VolumeReadError(f"{path}: not a readable DICOM image (no series contains it)")
@@ -333,6 +395,36 @@ def label_dtype(array: np.ndarray) -> np.dtype:
     return np.dtype(np.uint8) if maximum < 256 else np.dtype(np.uint16)
 
 
+STALE_TEMPORARY_SECONDS = 15 * 60
+
+
+def _remove_stale_temporaries(destination: Path, suffix: str) -> None:
+    """Delete temporary files that earlier writes of ``destination`` left when killed (kill -9, power cut).
+
+    A temporary file is stale when the process named in it (``.<name>.<pid>.<random>.part<suffix>``)
+    no longer runs here and it has not changed for :data:`STALE_TEMPORARY_SECONDS` (so a write from
+    another machine sharing the folder is never disturbed).
+    """
+    import glob
+    import time
+
+    for stale in destination.parent.glob(f".{glob.escape(destination.name)}.*.part{glob.escape(suffix)}"):
+        pid = stale.name[len(destination.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:  # alive under another user, or cannot tell
+            continue
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                stale.unlink()
+                logger.info("removed %s, left by an interrupted write", stale)
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; rename it over ``destination`` on success.
@@ -344,8 +436,9 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     suffix = volume_suffix(destination) or destination.suffix
+    _remove_stale_temporaries(destination, suffix)
     handle, temp_name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=f".part{suffix}", dir=destination.parent
+        prefix=f".{destination.name}.{os.getpid()}.", suffix=f".part{suffix}", dir=destination.parent
     )
     os.close(handle)
     temp = Path(temp_name)
@@ -369,6 +462,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = Tr
     suffix = volume_suffix(path)
     if suffix not in VOLUME_SUFFIXES:
         raise VolumeWriteError(f"{path}: cannot write this format (use {', '.join(LABEL_SUFFIXES)})")
+    if "\x00" in str(path):
+        raise VolumeWriteError(f"{str(path)[:200]!r}: not a usable file name (NUL byte)")
     image = volume.to_sitk()
     try:
         if suffix in (".mhd", ".nhdr"):
@@ -376,11 +471,31 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = Tr
         else:
             with atomic_path(path) as temp:
                 sitk.WriteImage(image, str(temp), useCompression=compress)
+                if suffix in (".nii", ".nii.gz"):
+                    _check_written_nifti(temp, path)
     except RuntimeError as error:
         raise VolumeWriteError(f"{path}: cannot write ({_first_line(error)})") from None
     except OSError as error:
         raise VolumeWriteError(f"{path}: cannot write ({error.strerror or error})") from None
     return path
+
+
+def _check_written_nifti(temp: Path, path: Path) -> None:
+    """ITK's NIfTI writer ignores failed writes (disk full, quota, file size limit) and leaves a short
+    file, which must not replace a good one: check the whole file (gzip CRC included) before the rename."""
+    import gzip
+    import zlib
+
+    try:
+        _check_nifti_complete(temp, path, limit=False)
+        if temp.name.lower().endswith(".gz"):
+            with gzip.open(temp, "rb") as stream:
+                while stream.read(1 << 22):
+                    pass
+    except (VolumeReadError, OSError, EOFError, zlib.error):
+        raise VolumeWriteError(
+            f"{path}: cannot write (the file was not written completely: is the disk full or over quota?)"
+        ) from None
 
 
 def _write_detached(image, path: Path, compress: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ DEFAULT_MODEL_NAME = "spineseg-default"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
 MAX_HEADER_BYTES = 50_000_000
 MAX_PARAMETERS = 500_000_000
+MAX_TENSORS = 100_000
+# Bytes per element of the safetensors dtypes a model file may hold.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2}
+_DTYPE_BYTES |= {"I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,99}$")
 
@@ -133,6 +138,7 @@ class ModelMetadata:
             planes = [str(p) for p in data.get("planes", [])]
             if not planes or not set(planes) <= {"axial", "coronal", "sagittal"}:
                 raise ValueError(f"planes {planes} must be a non-empty subset of axial, coronal, sagittal")
+            _check_processing(data.get("preprocess") or {}, data.get("postprocess") or {})
             kwargs = dict(architecture["kwargs"])
             if not all(isinstance(v, (int, float, str, bool, type(None), list)) for v in kwargs.values()):
                 raise ValueError("architecture arguments must be plain numbers, strings or lists")
@@ -152,8 +158,21 @@ class ModelMetadata:
                 version=str(data.get("version", "1")),
                 extra=dict(data.get("extra") or {}),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise ModelFileError(f"{source}: invalid model metadata ({error})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as error:
+            raise ModelFileError(f"{source}: invalid model metadata ({str(error)[:200]})") from None
+
+
+def _check_processing(preprocess: Any, postprocess: Any) -> None:
+    """Pre-/post-processing settings must parse and be plausible (ValueError otherwise)."""
+    from .postprocess import PostprocessConfig
+    from .preprocess import PreprocessConfig
+
+    try:
+        PreprocessConfig.from_dict(dict(preprocess))
+        if postprocess:
+            PostprocessConfig.from_dict(dict(postprocess))
+    except InputError as error:
+        raise ValueError(str(error)) from None
 
 
 @dataclass
@@ -180,6 +199,7 @@ def _tensor_digest(tensors: dict[str, Any]) -> str:
 
 def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike) -> Path:
     """Write ``network``'s weights and ``metadata`` to ``path`` atomically (temp file + rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .io import atomic_path
@@ -194,10 +214,11 @@ def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike) -
     try:
         with atomic_path(path) as temp:
             save_file(tensors, str(temp), metadata={"spineseg": json.dumps(record)})
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports disk full etc. as SafetensorError
         from .errors import VolumeWriteError
 
-        raise VolumeWriteError(f"{path}: cannot save the model ({error.strerror or error})") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise VolumeWriteError(f"{path}: cannot save the model ({reason})") from None
     return path
 
 
@@ -213,25 +234,57 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ModelFileError(f"{path}: not a safetensors model file (bad header length)")
         try:
             header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
             raise ModelFileError(f"{path}: corrupt model header") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: corrupt model header")
     meta = header.pop("__metadata__", None) or {}
-    if "spineseg" not in meta:
+    if not isinstance(meta, dict) or "spineseg" not in meta:
         raise ModelFileError(f"{path}: safetensors file without napari-spineseg metadata")
     try:
         record = json.loads(meta["spineseg"])
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
         raise ModelFileError(f"{path}: corrupt model metadata (not JSON)") from None
     if not isinstance(record, dict):
         raise ModelFileError(f"{path}: corrupt model metadata")
-    data_end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    data_end = _check_tensor_table(header, path)
     if 8 + header_length + data_end > size:
         raise ModelFileError(
             f"{path}: truncated model file ({size} bytes, header promises {8 + header_length + data_end})"
         )
     return header, record
+
+
+def _check_tensor_table(table: dict[str, Any], path: Path) -> int:
+    """Check every tensor entry (known dtype, shape of non-negative integers, offsets that match the
+    shape) and the total size, before anything is allocated; returns the end of the tensor data."""
+    if len(table) > MAX_TENSORS:
+        raise ModelFileError(f"{path}: implausibly many tensors ({len(table)}) in the model file")
+    total, data_end = 0, 0
+    for name, entry in table.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            valid = (
+                isinstance(dtype, str)
+                and dtype in _DTYPE_BYTES
+                and isinstance(shape, list)
+                and all(type(s) is int and s >= 0 for s in shape)
+                and type(begin) is int
+                and type(end) is int
+                and 0 <= begin <= end
+            )
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ModelFileError(f"{path}: malformed header entry for tensor {name[:80]!r}")
+        count = math.prod(shape)
+        total += count
+        if total > MAX_PARAMETERS:
+            raise ModelFileError(f"{path}: implausibly large tensors in the model file")
+        if end - begin != count * _DTYPE_BYTES[dtype]:
+            raise ModelFileError(f"{path}: tensor {name[:80]!r} occupies {end - begin} bytes, its shape needs more")
+        data_end = max(data_end, end)
+    return data_end
 
 
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:
@@ -255,24 +308,25 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL_NAME) -> LoadedMo
     kwargs = dict(metadata.architecture_kwargs)
     kwargs.pop("in_channels", None)
     kwargs.pop("num_classes", None)
+    arguments = {"in_channels": metadata.in_channels, "num_classes": metadata.num_classes, **kwargs}
     try:
-        network = build_model(
-            metadata.architecture, in_channels=metadata.in_channels, num_classes=metadata.num_classes, **kwargs
-        )
-    except InputError as error:
-        raise ModelFileError(f"{path}: metadata describes an unbuildable network ({error})") from None
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    stored = {k: tuple(v.get("shape", ())) for k, v in header.items()}
-    if sum(int(torch.tensor(s).prod()) if s else 1 for s in stored.values()) > MAX_PARAMETERS:
-        raise ModelFileError(f"{path}: implausibly large tensors in the model file")
+        # First without memory (meta tensors): the metadata may ask for an absurdly large network.
+        with torch.device("meta"):
+            skeleton = build_model(metadata.architecture, **arguments)
+    except Exception as error:  # InputError, or torch refusing absurd sizes (overflow, ...) with a C++ trace
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ModelFileError(f"{path}: metadata describes an unbuildable network ({reason})") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k: tuple(v["shape"]) for k, v in header.items()}
     if expected != stored:
         missing = sorted(set(expected) - set(stored))[:3]
-        unexpected = sorted(set(stored) - set(expected))[:3]
+        unexpected = [k[:80] for k in sorted(set(stored) - set(expected))[:3]]
         wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])[:3]
         raise ModelFileError(
             f"{path}: weights do not match the {metadata.architecture} architecture "
             f"(missing {missing}, unexpected {unexpected}, wrong shapes {wrong})"
         )
+    network = build_model(metadata.architecture, **arguments)  # as large as the file's tensors (checked)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:

@@ -53,8 +53,8 @@ class ClassPostprocess:
             raise InputError(f"ClassPostprocess: min_component_mm3 must be >= 0, got {self.min_component_mm3}")
         if self.keep_largest < 0:
             raise InputError(f"ClassPostprocess: keep_largest must be >= 0, got {self.keep_largest}")
-        if not (np.isfinite(self.closing_mm) and self.closing_mm >= 0):
-            raise InputError(f"ClassPostprocess: closing_mm must be >= 0, got {self.closing_mm}")
+        if not (np.isfinite(self.closing_mm) and 0 <= self.closing_mm <= 100):
+            raise InputError(f"ClassPostprocess: closing_mm must be in 0..100 mm, got {self.closing_mm}")
 
     @property
     def is_noop(self) -> bool:
@@ -123,6 +123,8 @@ def ellipsoid_structure(radius_mm: float, spacing: tuple[float, ...]) -> np.ndar
     Axes whose spacing exceeds the radius get extent 1 (no smoothing across thick slices).
     """
     radii = [int(np.floor(radius_mm / s + 1e-9)) for s in spacing]
+    if np.prod([2.0 * r + 1 for r in radii]) > 2**24:  # fine spacing and a large radius
+        raise InputError(f"closing radius {radius_mm:g} mm is {radii} voxels on this grid: too large a footprint")
     grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
     dist = sum((g * s / radius_mm) ** 2 for g, s in zip(grids, spacing))
     return np.asarray(dist <= 1.0 + 1e-9)

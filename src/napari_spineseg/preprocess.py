@@ -154,6 +154,16 @@ class PreprocessConfig:
                 raise InputError(f"PreprocessConfig: {name} must be positive, got {value}")
         if not (np.isfinite(self.gaussian_sigma_mm) and self.gaussian_sigma_mm >= 0):
             raise InputError(f"PreprocessConfig: gaussian_sigma_mm must be >= 0, got {self.gaussian_sigma_mm}")
+        # Model files carry these: absurd millimetre sizes would make absurd kernels (found by fuzzing).
+        for name, low, high in (
+            ("pixel_spacing_mm", 1e-3, 1e3),
+            ("clahe_kernel_mm", 0.0, 1e3),
+            ("gaussian_sigma_mm", 0.0, 100.0),
+            ("bilateral_sigma_spatial_mm", 0.0, 100.0),
+        ):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise InputError(f"PreprocessConfig: {name} must be in {low:g}..{high:g} mm, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return _config_to_dict(self)
@@ -333,6 +343,9 @@ def preprocess_slice(slice2d: np.ndarray, pixel_spacing: tuple[float, float], co
 # ------------------------------------------------------------------------------------------
 # In-plane resampling
 # ------------------------------------------------------------------------------------------
+MAX_RESAMPLED_PIXELS = 8192 * 8192  # one resampled slice (bounds memory whatever the model's pixel spacing)
+
+
 def inplane_target_shape(
     hw: tuple[int, int], from_spacing: tuple[float, float], to_spacing: tuple[float, float]
 ) -> tuple[int, int]:
@@ -342,7 +355,13 @@ def inplane_target_shape(
     h, w = (int(v) for v in hw)
     if h < 1 or w < 1:
         raise InputError(f"inplane_target_shape: empty slice shape {hw}")
-    return max(1, round(h * fr / tr)), max(1, round(w * fc / tc))
+    rows, columns = h * fr / tr, w * fc / tc
+    if not rows * columns <= MAX_RESAMPLED_PIXELS:  # also catches inf / nan
+        raise InputError(
+            f"resampling {h} x {w} pixels of {fr:g} x {fc:g} mm to {tr:g} x {tc:g} mm pixels would give "
+            f"{rows:.3g} x {columns:.3g} pixels per slice (at most {MAX_RESAMPLED_PIXELS} allowed)"
+        )
+    return max(1, round(rows)), max(1, round(columns))
 
 
 def _nearest_exact_index(n_in: int, n_out: int) -> np.ndarray:

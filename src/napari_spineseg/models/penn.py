@@ -40,8 +40,8 @@ class PennNet(nn.Module):
         super().__init__()
         if patch_size < 1 or stride < 1 or stride > patch_size:
             raise ValueError(f"need 1 <= stride <= patch_size, got patch_size={patch_size}, stride={stride}")
-        if not hidden:
-            raise ValueError("hidden must list at least one encoder layer size")
+        if not hidden or len(hidden) > 64:
+            raise ValueError(f"hidden must list 1..64 encoder layer sizes, got {len(hidden)}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.patch_size = patch_size

@@ -86,8 +86,8 @@ class UNet(PaddedSegmenter):
         attention: bool = False,
     ):
         super().__init__()
-        if depth < 1 or base < 1:
-            raise ValueError(f"base and depth must be positive, got base={base}, depth={depth}")
+        if not 1 <= depth <= 12 or base < 1:  # 2**12 downsampling is already beyond any image
+            raise ValueError(f"need base >= 1 and depth in 1..12, got base={base}, depth={depth}")
         if variant not in ("classic", "leaky"):
             raise ValueError(f"variant must be 'classic' or 'leaky', got {variant!r}")
         self.num_classes = num_classes
@@ -131,8 +131,8 @@ class ResUNet(PaddedSegmenter):
         self, in_channels: int = 1, num_classes: int = 5, base: int = 16, depth: int = 4, dropout: float = 0.0
     ):
         super().__init__()
-        if depth < 1 or base < 1:
-            raise ValueError(f"base and depth must be positive, got base={base}, depth={depth}")
+        if not 1 <= depth <= 12 or base < 1:  # 2**12 downsampling is already beyond any image
+            raise ValueError(f"need base >= 1 and depth in 1..12, got base={base}, depth={depth}")
         self.num_classes = num_classes
         self.multiple = 2**depth
         chans = [base * 2**i for i in range(depth + 1)]

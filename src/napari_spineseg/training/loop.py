@@ -407,6 +407,7 @@ def _metadata(network, config: TrainConfig, training: dict[str, Any], metrics: d
 def _save_resume(path: Path, network, optimizer, state: dict[str, Any]) -> None:
     """Weights + optimizer tensors (safetensors) and the loop state (JSON header) in one atomic file."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from ..io import atomic_path
@@ -427,8 +428,14 @@ def _save_resume(path: Path, network, optimizer, state: dict[str, Any]) -> None:
         "param_groups": _json_safe(opt["param_groups"]),
         "optimizer_scalars": _json_safe(scalars),
     }
-    with atomic_path(path) as temp:
-        save_file(tensors, str(temp), metadata={"spineseg_resume": json.dumps(record)})
+    try:
+        with atomic_path(path) as temp:
+            save_file(tensors, str(temp), metadata={"spineseg_resume": json.dumps(record)})
+    except (OSError, SafetensorError) as error:  # disk full, read-only folder, ...: the old checkpoint stays
+        from ..errors import VolumeWriteError
+
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise VolumeWriteError(f"{path}: cannot save the resume checkpoint ({reason})") from None
 
 
 def load_resume_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
