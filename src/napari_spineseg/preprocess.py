@@ -21,6 +21,7 @@ array axes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -188,13 +189,19 @@ def robust_range(
     Large arrays are sampled on a regular stride (at most ``MAX_PERCENTILE_SAMPLES`` values), so a
     512³ study costs no full-size copy.  Raises :class:`InputError` if no voxel is finite.
     """
-    flat = np.asarray(array).reshape(-1)
-    if flat.size == 0:
+    array = np.asarray(array)
+    if array.size == 0:
         raise InputError("cannot normalise an empty array")
     if not 0.0 <= lower_percentile < upper_percentile <= 100.0:
         raise InputError(f"need 0 <= lower < upper <= 100 percentiles, got {lower_percentile}, {upper_percentile}")
-    stride = max(1, flat.size // MAX_PERCENTILE_SAMPLES)
-    values = flat[::stride].astype(np.float32)
+    if array.size > MAX_PERCENTILE_SAMPLES and array.ndim > 1:
+        # A regular grid of voxels, taken through the (possibly transposed, flipped) view: flattening
+        # a non-contiguous view first would copy the whole study.
+        step = max(1, math.ceil((array.size / MAX_PERCENTILE_SAMPLES) ** (1.0 / array.ndim)))
+        values = array[(slice(None, None, step),) * array.ndim].astype(np.float32).reshape(-1)
+    else:
+        flat = array.reshape(-1)
+        values = flat[:: max(1, flat.size // MAX_PERCENTILE_SAMPLES)].astype(np.float32)
     values = values[np.isfinite(values)]
     if values.size == 0:
         raise InputError("cannot normalise: the image has no finite values (all NaN/inf)")
