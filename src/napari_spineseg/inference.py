@@ -257,6 +257,8 @@ class Predictor:
                 done_overall += len(indices)
                 yield ProgressEvent("plane", plane.value, int(indices[-1]) + 1, count, done_overall / max(total, 1))
         yield ProgressEvent("fuse", fraction=1.0)
+        del stack, target
+        study.image = np.empty((0, 0, 0), np.float16)  # the slices are done: free them before fusing
         fused_index, uncertainty = self._fuse(
             accumulator,
             QUANTISED_TOTAL if quantised else total_weight,
@@ -367,8 +369,8 @@ class Predictor:
 
 
 # Pixels per batch (at the model's pixel spacing): bounds the activations of a batch, whatever
-# the slice size (16 slices of 256², 4 of 512²): a 512³ study then segments in < 2 GB.
-BATCH_PIXEL_BUDGET = 16 * 256 * 256
+# the slice size (10 slices of 224², 2 of 512²): a 512³ study then segments in < 2 GB.
+BATCH_PIXEL_BUDGET = 8 * 256 * 256
 # Above this size a float16 fusion accumulator gives way to an 8-bit one (e.g. 512³ with 3 classes).
 ACCUMULATOR_BYTES = 512 * 1024 * 1024
 QUANTISED_TOTAL = 252.0  # full certainty of all planes; rounding (≤ 0.5 per plane, 3 planes) stays ≤ 255
