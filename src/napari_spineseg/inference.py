@@ -186,12 +186,9 @@ class Predictor:
     # Running -----------------------------------------------------------------------------------
     def predict(self, volume: Volume, cancel: threading.Event | None = None) -> SegmentationResult:
         """Segment ``volume`` synchronously (drains :meth:`run`)."""
-        generator = self.run(volume, cancel)
-        while True:
-            try:
-                next(generator)
-            except StopIteration as stop:
-                return stop.value
+        from ._generators import drain
+
+        return drain(self.run(volume, cancel))
 
     def run(
         self, volume: Volume, cancel: threading.Event | None = None

@@ -1469,12 +1469,9 @@ def finetune(
 
 def run_finetune(base, pairs, config: FinetuneConfig | None = None, **kwargs) -> FinetuneResult:
     """Drain :func:`finetune` and return its :class:`FinetuneResult`."""
-    generator = finetune(base, pairs, config, **kwargs)
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
+    from .._generators import drain
+
+    return drain(finetune(base, pairs, config, **kwargs))
 
 
 # ------------------------------------------------------------------------------------------------

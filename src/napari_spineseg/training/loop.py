@@ -895,9 +895,6 @@ def run_training(
     config: TrainConfig, train_cases: Sequence[TrainingCase], val_cases: Sequence[TrainingCase] = (), **kwargs
 ) -> TrainResult:
     """Drain :func:`train` and return its :class:`TrainResult`."""
-    generator = train(config, train_cases, val_cases, **kwargs)
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
+    from .._generators import drain
+
+    return drain(train(config, train_cases, val_cases, **kwargs))
