@@ -115,6 +115,7 @@ class SegmentationSettings:
     uncertainty: UncertaintyMode | str | None = None
     postprocess: bool = True
     plane_weights: dict[str, float] | None = None  # overrides the model's weights for "weighted"
+    fuse_layers: bool = True  # fold batch norm and fuse activations into convolutions (inference copy)
 
     def __post_init__(self) -> None:
         self.planes = tuple(dict.fromkeys(p if isinstance(p, Plane) else Plane.parse(str(p))[0] for p in self.planes))
@@ -167,11 +168,17 @@ class Predictor:
 
     # Model -------------------------------------------------------------------------------------
     def load(self, model: str | Path | LoadedModel = DEFAULT_MODEL_NAME) -> LoadedModel:
-        """Load weights (to the CPU first), then move them to the device."""
+        """Load weights (to the CPU first), build the inference copy (:mod:`.models.fused`), move it to the device."""
         import torch
+
+        from .models.fused import fuse_for_inference
 
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
         network = loaded.network.eval()
+        if self.settings.fuse_layers:
+            # An inference copy: batch norm folded into the convolutions, activations fused (CPU).
+            dtype = torch.bfloat16 if (self.device == "cpu" and self.precision == "bf16") else torch.float32
+            network = fuse_for_inference(network, dtype)
         if self.device != "cpu" or self.precision == "bf16":
             network = network.to(device=self.device, memory_format=torch.channels_last)
         self.model = LoadedModel(network, loaded.metadata, loaded.path)
