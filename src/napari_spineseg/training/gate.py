@@ -96,7 +96,7 @@ class GateConfig:
     """Everything that defines a gate training run (recorded in the gate's record)."""
 
     architecture_kwargs: dict[str, Any] = field(
-        default_factory=lambda: {"width": 0.25, "dropout": 0.0, "pool": "avgmax"}
+        default_factory=lambda: {"width": 0.125, "dropout": 0.0, "pool": "avgmax"}
     )
     context_slices: int = 1  # must be the segmenter's: the gate sees the segmenter's input
     planes: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal"])
@@ -109,7 +109,7 @@ class GateConfig:
     warmup_steps: int = 50
     min_lr_fraction: float = 0.02
     grad_clip: float | None = 5.0
-    crop_size: int = 128
+    crop_size: int = 96
     augment: AugmentConfig | None = field(default_factory=gate_augment)
     lesion_copies: int = 2  # simulated-lesion copies of every training case
     lesions_per_copy: int = 2  # 1..this many lesions per copy
@@ -117,6 +117,7 @@ class GateConfig:
     gain: tuple[float, float] = (1.5, 1.9)  # lesion intensity relative to the body's marrow (lesion_sim)
     min_lesion_pixels: int = 20  # a positive slice shows at least this many lesion pixels
     hard_negative_fraction: float = 0.7  # negative crops centred on a vertebral body
+    aux_weight: float = 0.5  # dense lesion-map loss on the stride-16 features (training only, not stored)
     target_sensitivity: float = 0.98  # of positive validation slices, sets the threshold
     val_every: int = 250
     val_lesion_copies: int = 2
@@ -387,19 +388,20 @@ class _Sampler:
         image, labels = _crop(image, labels, int(config.crop_size), rng, centre)
         if config.augment is not None:
             image, labels = augment_pair(image, labels, rng, config.augment)
+        mask = (labels == LESION).astype(np.float32)
         if not positive:
-            return np.ascontiguousarray(image, np.float32), 0.0
-        area = int((labels == LESION).sum())
+            return np.ascontiguousarray(image, np.float32), 0.0, mask
+        area = int(mask.sum())
         # A crop that lost most of its lesion (edge of the window, augmentation) is left out.
         weight = 1.0 if area >= config.min_lesion_pixels else 0.0
-        return np.ascontiguousarray(image, np.float32), weight
+        return np.ascontiguousarray(image, np.float32), weight, mask
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         config = self.config
         rng = np.random.default_rng([int(config.seed), 4242, int(step)])
         n = int(config.batch_size)
         n_pos = n // 2
-        images, targets, weights = [], [], []
+        images, targets, weights, masks = [], [], [], []
         for i in range(n):
             positive = i < n_pos
             if positive:
@@ -408,11 +410,12 @@ class _Sampler:
                 entry = self.hard[int(rng.integers(len(self.hard)))]
             else:
                 entry = self.negatives[int(rng.integers(len(self.negatives)))]
-            image, weight = self.sample(entry, positive, rng)
+            image, weight, mask = self.sample(entry, positive, rng)
             images.append(image)
+            masks.append(mask)
             targets.append(1.0 if positive else 0.0)
             weights.append(weight if positive else 1.0)
-        return np.stack(images), np.asarray(targets, np.float32), np.asarray(weights, np.float32)
+        return np.stack(images), np.asarray(targets, np.float32), np.asarray(weights, np.float32), np.stack(masks)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -594,6 +597,7 @@ def train_gate(
     so far stay intact.  Cases without vertebral-body labels (IVD) are not used.
     """
     import torch
+    import torch.nn.functional as F
 
     from .. import __version__
     from ..gate import gate_record_for_file
@@ -660,8 +664,16 @@ def train_gate(
     in_channels = 2 * int(config.context_slices) + 1
     net = build_model("lesion-classifier", in_channels=in_channels, num_classes=1, **kwargs).to(device)
     arch_kwargs = {k: v for k, v in net.arch_kwargs.items() if k not in ("in_channels", "num_classes")}
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Training-only dense head on the stride-16 features: where in the crop is a lesion?  It gives
+    # every step a gradient at the lesion's location (the presence logit alone gives one number per
+    # crop), which makes the classifier learn far faster from scratch; it is not stored.
+    captured: dict[str, Any] = {}
+    hook = net.backbone.layer3.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out))
+    aux_head = torch.nn.Conv2d(net.backbone.layer3[-1].conv3.out_channels, 1, 1).to(device)
+    parameters = [*net.parameters(), *aux_head.parameters()] if config.aux_weight > 0 else list(net.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+    aux_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(5.0, device=device))
     log = _CsvLog(config.log_csv)
     training_record = {
         "kind": "lesion-presence gate",
@@ -746,13 +758,17 @@ def train_gate(
             lr = _lr_at(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, targets, weights = sampler.batch(step)
+            images, targets, weights, masks = sampler.batch(step)
             x = torch.from_numpy(images).to(device)
             y = torch.from_numpy(targets).to(device)
             w = torch.from_numpy(weights).to(device)
             with _autocast(device, precision):
                 logits = net(x)
+                dense = aux_head(captured["features"]) if config.aux_weight > 0 else None
             loss = (loss_fn(logits.float(), y) * w).sum() / w.sum().clamp_min(1.0)
+            if dense is not None:
+                cells = F.adaptive_max_pool2d(torch.from_numpy(masks).to(device)[:, None], dense.shape[-2:])
+                loss = loss + config.aux_weight * aux_loss_fn(dense.float(), cells)
             if not torch.isfinite(loss):
                 raise InputError(f"gate training diverged at step {step} (loss {float(loss)})")
             optimizer.zero_grad(set_to_none=True)
@@ -785,6 +801,8 @@ def train_gate(
                     )
     except _Cancelled:
         cancelled = True
+    finally:
+        hook.remove()
     outcome = result(cancelled)
     auc = "n/a" if best_score is None else f"{best_score:.4f}"
     message = "cancelled" if cancelled else "finished"

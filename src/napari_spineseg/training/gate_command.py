@@ -32,8 +32,8 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--val-every", type=int, default=None)
-    parser.add_argument("--crop", type=int, default=None, help="training crop size in pixels (default 128)")
-    parser.add_argument("--width", type=float, default=None, help="classifier width (default 0.25)")
+    parser.add_argument("--crop", type=int, default=None, help="training crop size in pixels (default 96)")
+    parser.add_argument("--width", type=float, default=None, help="classifier width (default 0.125)")
     parser.add_argument(
         "--target-sensitivity",
         type=float,

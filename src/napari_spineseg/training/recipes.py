@@ -22,7 +22,7 @@
 ========================  ===================================================================
 
 The Tversky recipes come with a slice-level lesion-presence classifier (``lesion-classifier``,
-ResNet-50 style, width 0.25, global average + max pool), trained after the segmenter as a second stage of
+ResNet-50 style, width 0.125, global average + max pool), trained after the segmenter as a second stage of
 ``spineseg train`` (:mod:`.gate`) and stored in the same model file; at inference it zeroes the
 lesion class on slices it is confident are lesion-free (:mod:`napari_spineseg.gate`).  No
 labelled lesion MRI exists: the gate learns from SIMULATED hemangioma-like lesions planted in the
@@ -252,13 +252,13 @@ def _tversky(name: str, architecture: str, kwargs: dict[str, Any]) -> Recipe:
         recipe=name,
     )
     gate = GateConfig(
-        architecture_kwargs={"width": 0.25, "dropout": 0.0, "pool": "avgmax"},
+        architecture_kwargs={"width": 0.125, "dropout": 0.0, "pool": "avgmax"},
         context_slices=config.context_slices,
         planes=list(config.planes),
         preprocess=config.preprocess,
         steps=1500,
         batch_size=16,
-        crop_size=128,
+        crop_size=96,
     )
     return Recipe(
         name,
