@@ -1,7 +1,8 @@
 """Lesion-presence gate benchmark on SIMULATED lesions in real lumbar MRI, held-out patients.
 
 Run: ``.venv/bin/python benchmarks/bench_gate.py [--steps N] [--quick]``; prints a table and writes
-``benchmarks/results/gate.csv``.
+``benchmarks/results/gate.csv`` (``gate-quick.csv`` with ``--quick``: 200 steps, 6 training cases)
+and the training log ``gate-training.csv``.
 
 No labelled lesion MRI exists: hemangioma-like lesions are planted by
 :mod:`napari_spineseg.lesion_sim` in the vertebral bodies of real VB3/VB1 studies.  Every number
@@ -132,7 +133,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="200 steps, fewer training cases")
-    parser.add_argument("--output", default=str(RESULTS / "gate.csv"))
+    parser.add_argument("--output", default=None, help="CSV (default results/gate.csv, gate-quick.csv with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = 200 if args.quick else args.steps
@@ -216,7 +217,7 @@ def main() -> int:
         )
         rows.append(row("test", plane, gate_metrics(per_plane, config.target_sensitivity, threshold=threshold)))
 
-    out = Path(args.output)
+    out = Path(args.output) if args.output else RESULTS / ("gate-quick.csv" if args.quick else "gate.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
