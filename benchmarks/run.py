@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_inference.py", "bench_finetune.py", "bench_cohort.py", "bench_fuzz.py", "bench_faults.py"]
+BENCHMARKS = [
+    "bench_inference.py",
+    "bench_finetune.py",
+    "bench_cohort.py",
+    "bench_fuzz.py",
+    "bench_faults.py",
+    "bench_gate.py",
+]
 
 
 def main() -> int:

@@ -170,6 +170,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         uncertainty=args.uncertainty_mode if args.uncertainty else None,
         postprocess=not args.no_postprocess,
+        lesion_gate=not args.no_lesion_gate,
     )
     if args.scheduler or _is_cohort_input(args.inputs):
         return _segment_cohort(args, settings)
@@ -340,6 +341,27 @@ def _add_finetune_command(commands) -> None:
 # --- end of fine-tuning from corrections -------------------------------------------------------
 
 
+# --- lesion-presence gate (training engine) -----------------------------------------------------
+def cmd_train_gate(args: argparse.Namespace) -> int:
+    from .training.gate_command import run_train_gate
+
+    return run_train_gate(args)
+
+
+def _add_gate_command(commands) -> None:
+    from .training.gate_command import add_gate_arguments
+
+    gate = commands.add_parser(
+        "train-gate",
+        help="attach a slice-level lesion-presence gate to a model with a lesion class (SIMULATED lesions)",
+    )
+    add_gate_arguments(gate)
+    gate.set_defaults(handler=cmd_train_gate)
+
+
+# --- end of lesion-presence gate ---------------------------------------------------------------
+
+
 # --- segmentation report -----------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from .errors import InputError
@@ -424,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--uncertainty", metavar="PATH", help="also write a per-voxel uncertainty map")
     segment.add_argument("--uncertainty-mode", default="disagreement", choices=["disagreement", "entropy"])
     segment.add_argument("--no-postprocess", action="store_true", help="skip per-class post-processing")
+    segment.add_argument(
+        "--no-lesion-gate", action="store_true", help="ignore the model's lesion-presence gate (if it has one)"
+    )
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     segment.add_argument(
         "--scheduler",
@@ -439,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_training_commands(commands)
     _add_finetune_command(commands)
+    _add_gate_command(commands)
     _add_report_command(commands)
 
     demo = commands.add_parser("demo", help="run the main job on the bundled sample study and model")

@@ -116,6 +116,7 @@ class SegmentationSettings:
     postprocess: bool = True
     plane_weights: dict[str, float] | None = None  # overrides the model's weights for "weighted"
     fuse_layers: bool = True  # fold batch norm and fuse activations into convolutions (inference copy)
+    lesion_gate: bool = True  # use the model's lesion-presence gate, if it has one (see napari_spineseg.gate)
 
     def __post_init__(self) -> None:
         self.planes = tuple(dict.fromkeys(p if isinstance(p, Plane) else Plane.parse(str(p))[0] for p in self.planes))
@@ -163,6 +164,7 @@ class Predictor:
     def __init__(self, settings: SegmentationSettings | None = None) -> None:
         self.settings = settings or SegmentationSettings()
         self.model: LoadedModel | None = None
+        self.lesion_gate = None  # napari_spineseg.gate.GateRunner when the model has a gate
         self.device = resolve_device(self.settings.device)
         self.precision = resolve_precision(self.settings.precision, self.device)
 
@@ -171,6 +173,7 @@ class Predictor:
         """Load weights (to the CPU first), build the inference copy (:mod:`.models.fused`), move it to the device."""
         import torch
 
+        from .gate import gate_runner
         from .models.fused import fuse_for_inference
 
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -182,6 +185,7 @@ class Predictor:
         if self.device != "cpu" or self.precision == "bf16":
             network = network.to(device=self.device, memory_format=torch.channels_last)
         self.model = LoadedModel(network, loaded.metadata, loaded.path)
+        self.lesion_gate = gate_runner(loaded, self.settings, self.device, self.precision)
         return self.model
 
     def _require_model(self) -> LoadedModel:
@@ -337,6 +341,8 @@ class Predictor:
         with torch.inference_mode(), _autocast(self.device, self.precision):
             logits = model.network(tensor)
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        if self.lesion_gate is not None:  # zero lesion probability on slices the gate calls lesion-free
+            probabilities = self.lesion_gate.apply(tensor, probabilities)
         if probabilities.shape[-2:] != (height, width):
             probabilities = resample_back(probabilities, (height, width), order=1)
         return probabilities

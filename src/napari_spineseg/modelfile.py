@@ -182,6 +182,7 @@ class LoadedModel:
     network: Any  # torch.nn.Module
     metadata: ModelMetadata
     path: Path | None = None
+    gate: Any = None  # napari_spineseg.gate.LesionGate: optional slice-level lesion-presence gate
 
 
 def _tensor_digest(tensors: dict[str, Any]) -> str:
@@ -197,8 +198,12 @@ def _tensor_digest(tensors: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike) -> Path:
-    """Write ``network``'s weights and ``metadata`` to ``path`` atomically (temp file + rename)."""
+def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike, gate: Any = None) -> Path:
+    """Write ``network``'s weights and ``metadata`` to ``path`` atomically (temp file + rename).
+
+    ``gate`` (a :class:`napari_spineseg.gate.LesionGate`) is stored in the same file: its tensors
+    under the ``gate.`` prefix and its record as ``gate`` in the metadata (see :mod:`.gate`).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -209,6 +214,13 @@ def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike) -
         raise InputError(f"{path}: model files must end in {MODEL_SUFFIX}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     record = metadata.to_dict()
+    if gate is not None:
+        from .gate import GATE_PREFIX, gate_record_for_file, gate_tensors
+
+        if any(k.startswith(GATE_PREFIX) for k in tensors):
+            raise InputError(f"{path}: the network has tensors named {GATE_PREFIX}*; cannot store a gate beside it")
+        record["gate"] = gate_record_for_file(gate, metadata)
+        tensors.update(gate_tensors(gate))
     record.setdefault("training", {}).setdefault("saved", _dt.datetime.now(_dt.timezone.utc).isoformat())
     record["content_sha256"] = _tensor_digest(tensors)
     try:
@@ -305,6 +317,12 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL_NAME) -> LoadedMo
     path = resolve_model(name_or_path)
     header, record = _read_header(path)
     metadata = ModelMetadata.from_dict(record, str(path))
+    gate_record = None
+    if "gate" in record:  # a slice-level lesion-presence gate travels in the file (see .gate)
+        from .gate import check_gate_header, split_gate_header
+
+        header, gate_header = split_gate_header(header)
+        gate_record = check_gate_header(record["gate"], gate_header, metadata, path)
     kwargs = dict(metadata.architecture_kwargs)
     kwargs.pop("in_channels", None)
     kwargs.pop("num_classes", None)
@@ -333,9 +351,15 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL_NAME) -> LoadedMo
         raise ModelFileError(f"{path}: cannot read weights ({error})") from None
     if record.get("content_sha256") != _tensor_digest(tensors):
         raise ModelFileError(f"{path}: weights do not match their recorded checksum (file modified or corrupt)")
+    gate = None
+    if gate_record is not None:
+        from .gate import load_gate, split_gate_header
+
+        tensors, gate_state = split_gate_header(tensors)
+        gate = load_gate(gate_record, record["gate"], gate_state, path)
     network.load_state_dict(tensors, strict=True)
     network.eval()
-    return LoadedModel(network, metadata, path)
+    return LoadedModel(network, metadata, path, gate)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

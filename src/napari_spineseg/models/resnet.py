@@ -114,26 +114,48 @@ class FCNResNet50(PaddedSegmenter):
 
 
 class LesionClassifier(nn.Module):
-    """Slice-level lesion-presence classifier: ResNet-50 trunk, global average pool, 1 logit per slice."""
+    """Slice-level lesion-presence classifier: ResNet-50 trunk, global pool, 1 logit per slice.
+
+    ``pool="avg"`` (global average), ``"max"`` (global max: a small lesion is not diluted by the
+    area of the slice, so crops in training and whole slices at inference give comparable logits)
+    or ``"avgmax"`` (both, concatenated: the dense gradients of the average train faster).
+    """
 
     kind = "classifier"
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 1, width: float = 1.0, dropout: float = 0.0):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 1, width: float = 1.0, dropout: float = 0.0, pool: str = "avg"
+    ):
         super().__init__()
         if num_classes != 1:
             raise ValueError(
                 f"the lesion classifier gives one presence logit; num_classes must be 1, got {num_classes}"
             )
+        if pool not in ("avg", "max", "avgmax"):
+            raise ValueError(f"pool must be 'avg', 'max' or 'avgmax', got {pool!r}")
         self.num_classes = 1
+        self.pool = pool
         self.backbone = ResNet50Backbone(in_channels, width=width, dilated=False)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(self.backbone.out_channels, 1)
+        self.fc = nn.Linear(self.backbone.out_channels * (2 if pool == "avgmax" else 1), 1)
+        # Zero-initialised last BN of every residual branch (Goyal et al. 2017): each block starts as
+        # the identity, which trains from scratch much faster on a few hundred small batches.
+        for module in self.backbone.modules():
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Presence logits [B] for slices [B, C, H, W]."""
         if x.ndim != 4:
             raise InputError(f"expected a 4-D batch [B, C, H, W], got shape {tuple(x.shape)}")
-        f = torch.flatten(F.adaptive_avg_pool2d(self.backbone(x), 1), 1)
+        features = self.backbone(x)
+        if self.pool == "avgmax":
+            pooled = torch.cat([F.adaptive_avg_pool2d(features, 1), F.adaptive_max_pool2d(features, 1)], dim=1)
+        elif self.pool == "max":
+            pooled = F.adaptive_max_pool2d(features, 1)
+        else:
+            pooled = F.adaptive_avg_pool2d(features, 1)
+        f = torch.flatten(pooled, 1)
         return self.fc(self.dropout(f)).squeeze(1)
 
 
@@ -145,10 +167,10 @@ def build_fcn_resnet50(
 
 
 def build_lesion_classifier(
-    in_channels: int = 1, num_classes: int = 1, width: float = 0.25, dropout: float = 0.0
+    in_channels: int = 1, num_classes: int = 1, width: float = 0.25, dropout: float = 0.0, pool: str = "avg"
 ) -> LesionClassifier:
     """ResNet-50-style lesion-presence classifier."""
-    return LesionClassifier(in_channels, num_classes, width=width, dropout=dropout)
+    return LesionClassifier(in_channels, num_classes, width=width, dropout=dropout, pool=pool)
 
 
 @torch.no_grad()

@@ -46,6 +46,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="start from this model (name or .safetensors): its architecture, classes, preprocessing and weights",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-gate", action="store_true", help="skip the lesion-presence gate stage of recipes that have one"
+    )
+    parser.add_argument("--gate-steps", type=int, default=None, help="training steps of the lesion-presence gate")
 
 
 def prepare_run(args: argparse.Namespace):
@@ -172,4 +176,48 @@ def run_train(args: argparse.Namespace) -> int:
         return 1
     score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
     print(f"best model (mean val Dice {score} at step {result.best_step}) -> {result.best_model_path}")
+    if recipe.gate is not None and not getattr(args, "no_gate", False):
+        return run_recipe_gate(args, recipe, result.best_model_path, train_cases, val_cases)
+    return 0
+
+
+def run_recipe_gate(args: argparse.Namespace, recipe, model_path: Path, train_cases, val_cases) -> int:
+    """Second stage of recipes with a lesion-presence gate: train it on SIMULATED lesions in the
+    same patients' VB3/VB1 studies (same split) and store it in the model file just written."""
+    from ..modelfile import load_model
+    from .gate import gate_config_for_model
+    from .gate_command import run_gate_stage
+
+    if args.data is None:
+        print("spineseg: lesion gate skipped: it needs --data (real studies to plant simulated lesions in)")
+        return 0
+    base = load_model(model_path)
+    overrides = {"steps": args.gate_steps} if args.gate_steps is not None else {}
+    config = dataclasses.replace(
+        recipe.gate,
+        **overrides,
+        device=args.device,
+        mixed_precision=args.precision if args.precision in ("auto", "off", "bf16") else "auto",
+        num_threads=args.threads,
+        seed=args.seed,
+        output=Path(model_path),
+        log_csv=Path(args.log).with_name(Path(args.log).stem + "-gate.csv") if args.log else None,
+    )
+    config = gate_config_for_model(config, base.metadata)
+    gate_train = [c for c in train_cases if c.dataset in ("VB3", "VB1")]
+    gate_val = [c for c in val_cases if c.dataset in ("VB3", "VB1")]
+    print(
+        f"lesion gate: {len(gate_train)} training and {len(gate_val)} validation studies (VB3/VB1, same split), "
+        "SIMULATED lesions",
+        file=sys.stderr,
+    )
+    provenance = {"recipe": recipe.name, "stage": "after the segmenter (spineseg train)"}
+    gated = run_gate_stage(config, base, gate_train, gate_val, args.quiet, provenance)
+    if gated is None:
+        return 130
+    if gated.model_path is None:
+        print("spineseg: error: the lesion gate was not saved", file=sys.stderr)
+        return 1
+    threshold = gated.gate.record.threshold if gated.gate is not None else float("nan")
+    print(f"lesion gate (threshold {threshold:.3f}, SIMULATED lesions) stored in {gated.model_path}")
     return 0

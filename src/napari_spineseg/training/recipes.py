@@ -17,13 +17,16 @@
                           smooths too).
 ``unet-focal-dice``       LeakyReLU U-Net, focal + Dice, slice filtration (foreground slices,
                           no extreme imbalance).
-``resunet-tversky``       Residual U-Net, Tversky (α 0.3, β 0.7).
-``vgg19-unet-tversky``    VGG-19 U-Net, Tversky (α 0.3, β 0.7).
+``resunet-tversky``       Residual U-Net, Tversky (α 0.3, β 0.7), with the lesion-presence gate.
+``vgg19-unet-tversky``    VGG-19 U-Net, Tversky (α 0.3, β 0.7), with the lesion-presence gate.
 ========================  ===================================================================
 
-TODO(lesion gate): the Tversky recipes come with a slice-level lesion-presence classifier in the
-literature (``lesion-classifier`` architecture, :func:`napari_spineseg.models.gate_slices`); it is
-not trained by this engine yet.  Without real lesion labels it could only learn from phantoms.
+The Tversky recipes come with a slice-level lesion-presence classifier (``lesion-classifier``,
+ResNet-50 style, width 0.125, global average + max pool), trained after the segmenter as a second stage of
+``spineseg train`` (:mod:`.gate`) and stored in the same model file; at inference it zeroes the
+lesion class on slices it is confident are lesion-free (:mod:`napari_spineseg.gate`).  No
+labelled lesion MRI exists: the gate learns from SIMULATED hemangioma-like lesions planted in the
+real VB3/VB1 studies (:mod:`napari_spineseg.lesion_sim`), and its record says so.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..errors import InputError
 from ..postprocess import ClassPostprocess, default_postprocess
 from ..preprocess import PreprocessConfig
 from ..schema import INTERVERTEBRAL_DISC, VERTEBRAL_BODY, default_classes
+from .gate import GateConfig
 from .loop import TrainConfig
 
 __all__ = ["Recipe", "get_recipe", "recipe_names"]
@@ -54,9 +58,10 @@ class Recipe:
     folds: int | None = None  # recommended k-fold cross-validation (by patient)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    gate: GateConfig | None = None  # lesion-presence gate trained after the segmenter (SIMULATED lesions)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "datasets": list(self.datasets),
@@ -65,6 +70,9 @@ class Recipe:
             "notes": self.notes,
             **self.extra,
         }
+        if self.gate is not None:
+            out["gate"] = self.gate.to_dict()
+        return out
 
 
 def _strong_augment() -> AugmentConfig:
@@ -243,12 +251,26 @@ def _tversky(name: str, architecture: str, kwargs: dict[str, Any]) -> Recipe:
         description=f"{architecture} trained with the Tversky loss (alpha 0.3, beta 0.7).",
         recipe=name,
     )
+    gate = GateConfig(
+        architecture_kwargs={"width": 0.125, "dropout": 0.0, "pool": "avgmax"},
+        context_slices=config.context_slices,
+        planes=list(config.planes),
+        preprocess=config.preprocess,
+        steps=1500,
+        batch_size=16,
+        crop_size=96,
+    )
     return Recipe(
         name,
-        f"{architecture}, Tversky loss; lesion-presence gate: TODO (not trained yet).",
+        f"{architecture}, Tversky loss, then a slice-level lesion-presence gate (ResNet-50 style).",
         config,
         phantoms=4,
-        notes="TODO: train the lesion-classifier gate alongside (needs lesion labels: phantoms only).",
+        notes=(
+            "Lesion class learned from phantoms only (no labelled lesion MRI). The lesion-presence gate is a "
+            "second stage trained on SIMULATED lesions planted in real VB3/VB1 studies (lesion_sim); "
+            "`spineseg train --no-gate` skips it."
+        ),
+        gate=gate,
     )
 
 
