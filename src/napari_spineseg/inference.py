@@ -249,19 +249,20 @@ class Predictor:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("segmentation cancelled")
                 indices = np.arange(start, min(start + batch_size, count))
+                rows = slice(start, start + len(indices))  # a view: no gather/scatter copies
                 probabilities = self._infer_batch(study, stack, indices, plane, preprocess, metadata.context_slices)
                 if settings.fusion is FusionMode.VOTE:
                     winners = probabilities.argmax(axis=1)
                     for c in range(n_classes):
-                        target[indices, ..., c] += (winners == c).astype(np.uint8)
+                        target[rows, ..., c] += (winners == c).astype(np.uint8)
                 elif quantised:
                     scaled = probabilities[:, 1:] * np.float32(QUANTISED_TOTAL * weights[plane] / total_weight)
-                    target[indices] += np.moveaxis(np.rint(scaled), 1, -1).astype(np.uint8)
+                    target[rows] += np.moveaxis(np.rint(scaled), 1, -1).astype(np.uint8)
                 else:
                     scaled = probabilities[:, 1:] * np.float32(weights[plane])
-                    target[indices] += np.moveaxis(scaled, 1, -1).astype(np.float16)
+                    target[rows] += np.moveaxis(scaled, 1, -1).astype(np.float16)
                 if plane_argmax is not None:
-                    plane_view(plane_argmax[plane_index], plane)[indices] = probabilities.argmax(axis=1)
+                    plane_view(plane_argmax[plane_index], plane)[rows] = probabilities.argmax(axis=1)
                 done_overall += len(indices)
                 yield ProgressEvent("plane", plane.value, int(indices[-1]) + 1, count, done_overall / max(total, 1))
         yield ProgressEvent("fuse", fraction=1.0)
@@ -366,6 +367,11 @@ class Predictor:
             if vote:
                 fused[start : start + chunk] = part.argmax(axis=-1)
                 probabilities = part / np.float32(n_planes)
+            elif not entropy:  # argmax only: compare the best foreground class with the background
+                background = np.float32(total_weight) - part.sum(axis=-1)
+                best = part.argmax(axis=-1)
+                winner = np.take_along_axis(part, best[..., None], axis=-1)[..., 0]
+                fused[start : start + chunk] = np.where(winner > background, best + 1, 0)
             else:
                 background = np.float32(total_weight) - part.sum(axis=-1, keepdims=True)
                 probabilities = np.concatenate([background, part], axis=-1) / np.float32(total_weight)
