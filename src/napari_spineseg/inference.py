@@ -209,6 +209,8 @@ class Predictor:
         Stops with :class:`Cancelled` at the next batch once ``cancel`` is set (or when the
         consumer closes the generator); nothing is written by this method.
         """
+        import torch
+
         model = self._require_model()
         metadata = model.metadata
         settings = self.settings
@@ -242,7 +244,7 @@ class Predictor:
         done_overall = 0
         for plane_index, plane in enumerate(planes):
             stack = plane_view(study.image, plane)
-            target = plane_view(accumulator, plane)
+            target = torch.from_numpy(plane_view(accumulator, plane))  # a strided view, no copy
             count = stack.shape[0]
             batch_size = _batch_for_area(settings.batch_size, int(np.prod(stack.shape[1:3])), preprocess, study, plane)
             for start in range(0, count, batch_size):
@@ -251,18 +253,21 @@ class Predictor:
                 indices = np.arange(start, min(start + batch_size, count))
                 rows = slice(start, start + len(indices))  # a view: no gather/scatter copies
                 probabilities = self._infer_batch(study, stack, indices, plane, preprocess, metadata.context_slices)
+                # (accumulated in torch: vectorised float16 conversion, no temporaries in numpy)
                 if settings.fusion is FusionMode.VOTE:
-                    winners = probabilities.argmax(axis=1)
+                    winners = probabilities.argmax(dim=1)
                     for c in range(n_classes):
-                        target[rows, ..., c] += (winners == c).astype(np.uint8)
+                        target[rows, ..., c] += (winners == c).to(torch.uint8)
                 elif quantised:
-                    scaled = probabilities[:, 1:] * np.float32(QUANTISED_TOTAL * weights[plane] / total_weight)
-                    target[rows] += np.moveaxis(np.rint(scaled), 1, -1).astype(np.uint8)
+                    scaled = probabilities[:, 1:] * (QUANTISED_TOTAL * weights[plane] / total_weight)
+                    target[rows] += torch.round(scaled).permute(0, 2, 3, 1).to(torch.uint8)
                 else:
-                    scaled = probabilities[:, 1:] * np.float32(weights[plane])
-                    target[rows] += np.moveaxis(scaled, 1, -1).astype(np.float16)
+                    foreground = probabilities[:, 1:]
+                    if weights[plane] != 1.0:
+                        foreground = foreground * weights[plane]
+                    target[rows] += foreground.permute(0, 2, 3, 1).to(torch.float16)
                 if plane_argmax is not None:
-                    plane_view(plane_argmax[plane_index], plane)[rows] = probabilities.argmax(axis=1)
+                    plane_view(plane_argmax[plane_index], plane)[rows] = probabilities.argmax(dim=1).numpy()
                 done_overall += len(indices)
                 yield ProgressEvent("plane", plane.value, int(indices[-1]) + 1, count, done_overall / max(total, 1))
         yield ProgressEvent("fuse", fraction=1.0)
@@ -319,8 +324,8 @@ class Predictor:
         plane: Plane,
         preprocess: PreprocessConfig,
         context_slices: int,
-    ) -> np.ndarray:
-        """Class probabilities ``[B, C, H, W]`` (float32) for slices ``indices`` of ``stack``."""
+    ):
+        """Class probabilities ``[B, C, H, W]`` (a float32 CPU tensor) for slices ``indices`` of ``stack``."""
         import torch
 
         from .preprocess import preprocess_slice
@@ -341,11 +346,11 @@ class Predictor:
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), _autocast(self.device, self.precision):
             logits = model.network(tensor)
-        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        probabilities = torch.softmax(logits, dim=1, dtype=torch.float32).cpu()
         if self.lesion_gate is not None:  # zero lesion probability on slices the gate calls lesion-free
-            probabilities = self.lesion_gate.apply(tensor, probabilities)
+            probabilities = torch.from_numpy(self.lesion_gate.apply(tensor, probabilities.numpy()))
         if probabilities.shape[-2:] != (height, width):
-            probabilities = resample_back(probabilities, (height, width), order=1)
+            probabilities = torch.from_numpy(resample_back(probabilities.numpy(), (height, width), order=1))
         return probabilities
 
     @staticmethod
@@ -361,18 +366,21 @@ class Predictor:
         shape = accumulator.shape[:3]
         fused = np.zeros(shape, dtype=np.uint8)
         uncertainty = np.zeros(shape, dtype=np.float32) if (plane_argmax is not None or entropy) else None
+        import torch
+
         chunk = max(1, (1 << 24) // max(1, int(np.prod(accumulator.shape[1:]))))
         for start in range(0, shape[0], chunk):
-            part = accumulator[start : start + chunk].astype(np.float32)
-            if vote:
+            if not vote and not entropy:  # argmax only: the best foreground class against the background
+                part_t = torch.from_numpy(accumulator[start : start + chunk]).float()
+                background = float(total_weight) - part_t.sum(dim=-1)
+                winner, best = part_t.max(dim=-1)
+                fused[start : start + chunk] = torch.where(winner > background, best + 1, 0).numpy()
+            elif vote:
+                part = accumulator[start : start + chunk].astype(np.float32)
                 fused[start : start + chunk] = part.argmax(axis=-1)
                 probabilities = part / np.float32(n_planes)
-            elif not entropy:  # argmax only: compare the best foreground class with the background
-                background = np.float32(total_weight) - part.sum(axis=-1)
-                best = part.argmax(axis=-1)
-                winner = np.take_along_axis(part, best[..., None], axis=-1)[..., 0]
-                fused[start : start + chunk] = np.where(winner > background, best + 1, 0)
             else:
+                part = accumulator[start : start + chunk].astype(np.float32)
                 background = np.float32(total_weight) - part.sum(axis=-1, keepdims=True)
                 probabilities = np.concatenate([background, part], axis=-1) / np.float32(total_weight)
                 fused[start : start + chunk] = probabilities.argmax(axis=-1)
