@@ -7,7 +7,9 @@ and the event-loop stall probe.
 
 from __future__ import annotations
 
+import gc
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +79,23 @@ def dock(viewer, name: str):
     return widget
 
 
+def cpu_wait() -> float:
+    """Seconds the calling thread has waited for a free CPU core (Linux schedstat; 0 elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class StallProbe:
-    """A 10 ms QTimer recording the longest gap between its ticks (an event-loop stall)."""
+    """A 10 ms QTimer recording the longest gap between its ticks (an event-loop stall).
+
+    ``max_gap`` is the wall-clock gap.  ``max_stall`` leaves out the time the GUI thread waited
+    for a free core (on this shared 2-core machine, other people's jobs: at a load of 7 every gap
+    is 2-3x longer whatever runs in it); the GUI thread's work, GIL waits and garbage collection
+    all count.
+    """
 
     def __init__(self) -> None:
         from qtpy.QtCore import QTimer
@@ -86,22 +103,33 @@ class StallProbe:
         self.timer = QTimer()
         self.timer.setInterval(10)
         self.timer.timeout.connect(self._tick)
-        self.max_gap = 0.0
+        self.max_gap = self.max_stall = 0.0
         self.ticks = 0
 
+    def current(self) -> tuple[float, float]:
+        """The gap since the last tick: (wall clock, without the wait for a core)."""
+        gap = time.perf_counter() - self.last
+        return gap, gap - (cpu_wait() - self.last_wait)
+
     def _tick(self) -> None:
-        now = time.perf_counter()
-        self.max_gap = max(self.max_gap, now - self.last)
-        self.last = now
+        gap, stall = self.current()
+        self.max_gap, self.max_stall = max(self.max_gap, gap), max(self.max_stall, stall)
+        self.last, self.last_wait = time.perf_counter(), cpu_wait()
         self.ticks += 1
 
     def __enter__(self) -> StallProbe:
-        self.last = time.perf_counter()
+        # A full garbage collection of this process (napari + torch, ~0.1-0.3 s) can start at any
+        # allocation, whoever makes it: start the measurement from a collected heap.
+        gc.collect()
+        self.last, self.last_wait = time.perf_counter(), cpu_wait()
         self.timer.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.timer.stop()
+
+    def __str__(self) -> str:
+        return f"{1000 * self.max_stall:.0f} ms ({1000 * self.max_gap:.0f} ms wall clock)"
 
 
 def test_widgets_load_through_the_manifest(viewer) -> None:
@@ -188,10 +216,10 @@ def test_full_workflow_segment_correct_finetune_resegment(viewer, tiny_model, di
 def watch_result(widget, probe: StallProbe) -> dict[str, float]:
     """Record the stall while the worker ran, and how long showing its result took."""
     phases: dict[str, float] = {}
-    original = widget._on_done
+    original = partial(type(widget)._on_done, widget)
 
     def on_done(outcome) -> None:
-        phases["worker"] = max(probe.max_gap, time.perf_counter() - probe.last)
+        phases["worker"] = max(probe.max_stall, probe.current()[1])
         phases["ticks"] = probe.ticks
         started = time.perf_counter()
         original(outcome)
@@ -199,6 +227,17 @@ def watch_result(widget, probe: StallProbe) -> dict[str, float]:
 
     widget._on_done = on_done  # start_job picks up the instance attribute
     return phases
+
+
+def segment_watched(segment, qtbot) -> tuple[StallProbe, dict[str, float]]:
+    """Run ``segment`` in its thread and probe the event loop until its result is on screen."""
+    with StallProbe() as probe:
+        phases = watch_result(segment, probe)
+        segment.run()
+        assert segment.running
+        qtbot.waitUntil(lambda: not segment.running, timeout=30_000)
+        qtbot.wait(100)  # the last draw
+    return probe, phases
 
 
 def test_threaded_segmentation_keeps_the_viewer_responsive(make_napari_viewer, tiny_model, qtbot) -> None:
@@ -209,20 +248,21 @@ def test_threaded_segmentation_keeps_the_viewer_responsive(make_napari_viewer, t
     segment = dock(viewer, "Segment spine")
     segment.uncertainty_box.setChecked(True)
     qtbot.waitUntil(segment.ready.is_set, timeout=60_000)  # one-time imports (torch, pandas) are done
-    with StallProbe() as probe:
-        phases = watch_result(segment, probe)
-        segment.run()
-        assert segment.running
-        qtbot.waitUntil(lambda: not segment.running, timeout=30_000)
-    print(
-        f"\nsegmentation: longest event-loop stall while the worker ran {1000 * phases['worker']:.1f} ms "
-        f"({phases['ticks']} ticks); overall {1000 * probe.max_gap:.1f} ms (with adding the layers)"
-    )
-    assert len(viewer.layers) == 3  # image, uncertainty, labels
-    assert phases["ticks"] > 10
-    # Adding the finished layers is napari's own cost (vispy overlays of a new Labels layer,
-    # ~0.2-0.4 s here, once per result, as when opening a file); it is printed, not asserted.
-    assert phases["worker"] < STALL_LIMIT_S
+    probes = {}
+    for case in ("adding the layers", "replacing them"):  # the second run's result replaces the first
+        probe, phases = probes[case] = segment_watched(segment, qtbot)
+        print(
+            f"\nsegmentation, {case}: longest event-loop stall {probe}; "
+            f"while the worker ran {1000 * phases['worker']:.0f} ms ({phases['ticks']} ticks)"
+        )
+        assert len(viewer.layers) == 3  # image, uncertainty, labels
+        assert phases["ticks"] > 10
+        assert phases["worker"] < STALL_LIMIT_S
+    assert viewer.layers.selection.active == segment.last_layer
+    # Each new layer is built in the worker and shown in short steps (adding each in one callback,
+    # as viewer.add_image/add_labels do, stalled 180-200 ms here).
+    assert probes["adding the layers"][0].max_stall < STALL_LIMIT_S
+    assert probes["replacing them"][0].max_stall < STALL_LIMIT_S
 
 
 def test_cancel_segmentation_adds_nothing(viewer, tiny_model, qtbot, notifications) -> None:
@@ -263,21 +303,21 @@ def test_finetune_is_responsive_and_cancel_keeps_no_model(viewer, phantom, tiny_
     assert finetune.model_combo.set_model("tiny")
     finetune.steps_box.setValue(6)
     qtbot.waitUntil(finetune.ready.is_set, timeout=60_000)  # torch._dynamo etc. imported in the background
-    probe = StallProbe()
-    phases = watch_result(finetune, probe)
-    started = time.perf_counter()
-    finetune.start()  # the click handler: copies the labels and draws the empty chart
-    click = time.perf_counter() - started
-    with probe:
+    with StallProbe() as probe:
+        phases = watch_result(finetune, probe)
+        started = time.perf_counter()
+        finetune.start()  # the click handler: copies the labels, adds napari's progress bar
+        click = time.perf_counter() - started
         qtbot.waitUntil(lambda: finetune._run is None, timeout=60_000)
+        qtbot.wait(100)  # the last draw
     print(
-        f"\nfine-tuning: longest event-loop stall while the worker ran {1000 * phases['worker']:.1f} ms "
+        f"\nfine-tuning: longest event-loop stall {probe}; while the worker ran {1000 * phases['worker']:.0f} ms "
         f"({phases['ticks']} ticks, {finetune.chart.draws} chart updates); Start took {1000 * click:.0f} ms, "
         f"showing the result {1000 * phases['display']:.0f} ms"
     )
     assert finetune.result is not None and finetune.save_button.isEnabled()
     assert phases["ticks"] > 10
-    assert phases["worker"] < STALL_LIMIT_S
+    assert probe.max_stall < STALL_LIMIT_S  # from the click to the result
 
     finetune.steps_box.setValue(10_000)
     finetune.start()

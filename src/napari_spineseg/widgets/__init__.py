@@ -1,8 +1,9 @@
 """napari dock widgets: Segment spine, Review segmentation, Fine-tune model.
 
 One module per widget; each widget is a ``QWidget`` taking the viewer.  Heavy work runs in napari
-thread workers on plain arrays; layers are only created or changed on the GUI thread.  Imported
-lazily so that ``import napari_spineseg.widgets`` does not pull in Qt or torch.
+thread workers on plain arrays (a worker may also build a layer object that is in no viewer yet);
+layers are only added to the viewer or changed on the GUI thread, in short event-loop turns.
+Imported lazily so that ``import napari_spineseg.widgets`` does not pull in Qt or torch.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class TrainingChart(QWidget):
         self.dice_axes.set_ylim(-0.02, 1.02)
         self._last_draw = 0.0
         self._dirty = False
-        self._full_draw()
+        self._background = None  # drawn in a later event-loop turn (not in the Start click) or by redraw()
+        self.canvas.draw_idle()
 
     def add(self, step: int, loss: float | None = None, dice: Mapping[str, float] | None = None) -> None:
         """Record points (cheap); draws now or schedules a drawing."""

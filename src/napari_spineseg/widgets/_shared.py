@@ -14,9 +14,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -170,44 +169,54 @@ def start_job(
 LAYER_MODULES = ("pandas", "skimage", "skimage.color.colorconv", "skimage.exposure", "scipy.linalg")
 
 
-def in_event_loop_turns(steps: Sequence[Callable[[], None]], finish: Callable[[], None], sync: bool = False) -> None:
-    """Run each GUI step in its own event-loop turn, then ``finish`` (always, even after an error).
+#: Pause between two GUI turns: a timer (not a posted event) lets Qt paint, take input and fire
+#: other timers in between (a chain of posted events runs before the timers of the same loop pass).
+TURN_PAUSE_MS = 1
 
-    Adding a layer costs tens of milliseconds in napari/vispy; adding two in one callback would
-    stall the viewer for their sum.  ``sync`` runs them all now (tests, scripts).
+
+def in_event_loop_turns(turns: Iterator[Any], finish: Callable[[], None], sync: bool = False) -> None:
+    """Advance ``turns`` (a generator: each ``yield`` ends a turn) one event-loop turn at a time.
+
+    Then call ``finish`` (always, even after an error).  Adding a layer costs tens of milliseconds
+    in napari/vispy; splitting the work keeps every turn short.  ``sync`` runs them all now
+    (tests, scripts).
     """
 
-    def run(index: int) -> None:
-        try:
-            steps[index]()
-        except Exception as error:  # a broken step must not leave the widget "running"
-            logger.exception("showing the result failed")
-            notify_error(f"showing the result failed: {error}")
-            finish()
-            return
-        if index + 1 == len(steps):
-            finish()
-        elif sync:
-            run(index + 1)
-        else:
-            from qtpy.QtCore import QTimer
+    def run() -> None:
+        while True:
+            try:
+                next(turns)
+            except StopIteration:
+                finish()
+                return
+            except Exception as error:  # a broken step must not leave the widget "running"
+                logger.exception("showing the result failed")
+                notify_error(f"showing the result failed: {error}")
+                finish()
+                return
+            if not sync:
+                from qtpy.QtCore import QTimer
 
-            QTimer.singleShot(0, partial(run, index + 1))
+                QTimer.singleShot(TURN_PAUSE_MS, run)
+                return
 
-    if steps:
-        run(0)
-    else:
-        finish()
+    run()
 
 
-def warm_up(modules: Iterable[str], on_done: Callable[[], None] | None = None, parent: Any = None) -> threading.Event:
+def warm_up(
+    modules: Iterable[str],
+    on_done: Callable[[], None] | None = None,
+    parent: Any = None,
+    then: Sequence[Callable[[], None]] = (),
+) -> threading.Event:
     """Import ``modules`` in a background thread; the returned event is set when they are loaded.
 
     torch, pandas (napari's Labels features) and ``torch._dynamo`` (imported by every torch
     optimizer) take seconds to import: done on first use they would freeze the viewer.
-    ``on_done`` runs on the GUI thread afterwards, polled by a timer owned by ``parent`` (so a
-    widget closed meanwhile is never called back).  The thread is a daemon with no Qt objects:
-    closing the viewer while it imports is safe.
+    ``then`` (Qt-free first-use work, e.g. :func:`._layers.prepare_layers`) runs in the same
+    thread after the imports.  ``on_done`` runs on the GUI thread afterwards, polled by a timer
+    owned by ``parent`` (so a widget closed meanwhile is never called back).  The thread is a
+    daemon with no Qt objects: closing the viewer while it imports is safe.
     """
     done = threading.Event()
 
@@ -220,9 +229,14 @@ def warm_up(modules: Iterable[str], on_done: Callable[[], None] | None = None, p
                     importlib.import_module(name)
                 except Exception as error:  # reported when the module is really needed
                     logger.warning("cannot import %s: %s", name, error)
+            for work in then:
+                try:
+                    work()
+                except Exception as error:  # only a speed-up
+                    logger.warning("warm-up %s failed: %s", getattr(work, "__name__", work), error)
         done.set()
 
-    if all(name in sys.modules for name in modules):
+    if not then and all(name in sys.modules for name in modules):
         done.set()
     else:
         threading.Thread(target=job, name="spineseg-warm-up", daemon=True).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -12,6 +13,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabe
 
 from ..errors import SpinesegError
 from ..volume import Volume
+from ._layers import add_in_turns, prepare_layers, replace_in_turns
 from ._shared import (
     LAYER_MODULES,
     PLANE_NAMES,
@@ -42,10 +44,10 @@ FUSIONS = ("mean", "weighted", "vote")
 
 
 def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: threading.Event):
-    """Worker body: load the model, segment, and prepare the layer data (no Qt, no layers).
+    """Worker body: load the model, segment, and prepare the layers (no Qt, nothing in the viewer).
 
     Everything proportional to the study's size (unique values, percentiles, hashes, copies)
-    happens here, so the GUI thread only has to add the layers.
+    and the layer objects themselves are made here, so the GUI thread only has to add them.
     """
     from napari.utils.colormaps import DirectLabelColormap
 
@@ -53,6 +55,7 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
     from ..inference import Predictor, ProgressEvent, SegmentationSettings
     from ..schema import class_for_value, color_dict, extend_classes
     from ._finetune_job import label_values
+    from ._layers import build_layer
 
     yield ProgressEvent("load", fraction=0.0)
     with gui_friendly_torch():
@@ -81,7 +84,11 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
         uncertainty = image_layer_data(result.uncertainty)
         uncertainty[1].update(colormap="inferno", contrast_limits=(0.0, 1.0), opacity=0.5, blending="additive")
         uncertainty[1]["metadata"][RESULT_KEY] = {"kind": "uncertainty", "image": volume.name}
-    return _Output(result, classes, labels, uncertainty)
+    # The layer objects too (napari's colormap, features and slicing work): the GUI thread only appends them.
+    layers = {"labels": build_layer(*labels)}
+    if uncertainty is not None:
+        layers["uncertainty"] = build_layer(*uncertainty)
+    return _Output(result, classes, labels, uncertainty, layers)
 
 
 @dataclass
@@ -90,6 +97,7 @@ class _Output:
     classes: list
     labels: tuple  # layer data tuple
     uncertainty: tuple | None
+    layers: dict[str, Any]  # hidden napari layers made from the tuples ("labels", "uncertainty")
 
 
 def _available_devices() -> list[str]:
@@ -179,7 +187,9 @@ class SegmentWidget(QWidget):
 
         self._set_devices(None)
         # torch and pandas (the first Labels layer) take seconds to import: never on the GUI thread.
-        self.ready = warm_up((*LAYER_MODULES, "torch"), lambda: self._set_devices(_available_devices()), self)
+        self.ready = warm_up(
+            (*LAYER_MODULES, "torch"), lambda: self._set_devices(_available_devices()), self, then=(prepare_layers,)
+        )
         self._restore_settings()
         self._show_model_legend()
 
@@ -309,11 +319,7 @@ class SegmentWidget(QWidget):
             self.status.setText(f"Failed: {outcome.error}")
             notify_error(outcome.error)
         else:
-            # One layer per event-loop turn: the viewer never waits for both at once.
-            steps = [partial(self._show_labels, run, outcome.value)]
-            if outcome.value.uncertainty is not None:
-                steps.insert(0, partial(self._show_uncertainty, run, outcome.value))
-            in_event_loop_turns(steps, self._finish, sync=run.sync)
+            in_event_loop_turns(self._show(run, outcome.value), self._finish, sync=run.sync)
             return
         self._finish()
 
@@ -321,29 +327,35 @@ class SegmentWidget(QWidget):
         self._run = None
         self._set_running(False)
 
-    # Results (GUI thread) ----------------------------------------------------------------------
-    def _show_uncertainty(self, run: _Run, output: _Output) -> None:
-        data, kwargs, _ = output.uncertainty
+    # Results (GUI thread: one short step per event-loop turn) ---------------------------------
+    def _show(self, run: _Run, output: _Output) -> Iterator[None]:
+        if output.uncertainty is not None:
+            yield from self._show_uncertainty(run, output)
+            yield
+        yield from self._show_labels(run, output)
+
+    def _show_uncertainty(self, run: _Run, output: _Output) -> Iterator[None]:
         name = f"{run.image_name} uncertainty"
         existing = next((lay for lay in self.viewer.layers if lay.name == name and _is_ours(lay)), None)
         if existing is not None:
-            existing.data = data
+            existing.data = output.uncertainty[0]
         else:
-            self.viewer.add_image(data, **{**kwargs, "name": name})
+            layer = output.layers["uncertainty"]
+            layer.name = name
+            yield from add_in_turns(self.viewer, layer, select=False)  # the labels layer is selected next
 
-    def _show_labels(self, run: _Run, output: _Output) -> None:
+    def _show_labels(self, run: _Run, output: _Output) -> Iterator[None]:
         result = output.result
-        base = f"{run.image_name} segmentation"
         data, kwargs, _ = output.labels
         layer = self._replaceable(run.image_name, data.shape)
         if layer is not None:
-            layer.data = data
-            for key in ("colormap", "features", "metadata", "scale", "translate"):
-                setattr(layer, key, kwargs[key])
-            layer.visible = True
+            yield from replace_in_turns(layer, data, kwargs)
         else:
-            layer = self.viewer.add_labels(data, **{**kwargs, "name": unique_layer_name(self.viewer, base)})
+            layer = output.layers["labels"]
+            layer.name = unique_layer_name(self.viewer, f"{run.image_name} segmentation")
             layer.events.paint.connect(_mark_edited)
+            yield from add_in_turns(self.viewer, layer)
+        yield
         self.last_layer = layer
         self.legend.setText(legend_html(output.classes))
         planes = ", ".join(result.planes)
