@@ -21,6 +21,7 @@ import torch
 from napari_spineseg.inference import Predictor, SegmentationSettings, cpu_supports_bf16
 from napari_spineseg.modelfile import LoadedModel, ModelMetadata
 from napari_spineseg.models import build_model
+from napari_spineseg.models.fused import fuse_for_inference
 from napari_spineseg.volume import Volume
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,13 +64,19 @@ def flops_per_batch(network: torch.nn.Module, batch: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def slice_throughput(name: str, kwargs: dict, precision: str, batch: int = 16, size: int = 256) -> dict:
+def slice_throughput(
+    name: str, kwargs: dict, precision: str, fused: bool = True, batch: int = 8, size: int = 256
+) -> dict:
+    """Slices/s of one architecture, run as the Predictor runs it (``fused``: the inference copy)."""
     network = build_model(name, in_channels=3, num_classes=5, **kwargs).eval()
     x = torch.randn(batch, 3, size, size)
+    flops = flops_per_batch(network, torch.randn(1, 3, size, size)) * batch
+    params = _params(network)
+    if fused:
+        network = fuse_for_inference(network, torch.bfloat16 if precision == "bf16" else torch.float32)
     if precision == "bf16":
         network = network.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    flops = flops_per_batch(network, torch.randn(1, 3, size, size)) * batch
     with torch.inference_mode(), autocast(precision):
         network(x)
         repeats, start = 0, time.perf_counter()
@@ -77,7 +84,7 @@ def slice_throughput(name: str, kwargs: dict, precision: str, batch: int = 16, s
             network(x)
             repeats += 1
     seconds = (time.perf_counter() - start) / repeats
-    return {"slices_per_s": batch / seconds, "gflops": flops / seconds / 1e9, "params_m": _params(network)}
+    return {"slices_per_s": batch / seconds, "gflops": flops / seconds / 1e9, "params_m": params}
 
 
 def _params(network: torch.nn.Module) -> float:
@@ -152,23 +159,27 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bf16 native: {cpu_supports_bf16()}")
     print("matmul ceiling GFLOP/s: " + ", ".join(f"{p} {v:.0f}" for p, v in ceilings.items()))
     print(
-        f"\n{'architecture':16s} {'prec':5s} {'params M':>8s} {'slices/s @256²':>15s} {'GFLOP/s':>8s} {'% ceiling':>9s}"
+        f"\n{'architecture':16s} {'prec':5s} {'layers':6s} {'params M':>8s} {'slices/s @256²':>15s}"
+        f" {'GFLOP/s':>8s} {'% ceiling':>9s}"
     )
     for name, kwargs in ARCHITECTURES[:1] if args.quick else ARCHITECTURES:
         for precision in precisions:
-            r = slice_throughput(name, kwargs, precision)
-            share = 100 * r["gflops"] / ceilings[precision]
-            speed = f"{r['params_m']:8.2f} {r['slices_per_s']:15.1f} {r['gflops']:8.1f} {share:8.0f}%"
-            print(f"{name:16s} {precision:5s} {speed}")
-            rows.append(
-                {
-                    "kind": "throughput",
-                    "architecture": name,
-                    "precision": precision,
-                    **r,
-                    "ceiling": ceilings[precision],
-                }
-            )
+            # "plain" = the network as trained; "fused" = the inference copy the Predictor runs
+            for layers in ("plain", "fused") if name == DEFAULT_ARCH[0] else ("fused",):
+                r = slice_throughput(name, kwargs, precision, fused=layers == "fused")
+                share = 100 * r["gflops"] / ceilings[precision]
+                speed = f"{r['params_m']:8.2f} {r['slices_per_s']:15.1f} {r['gflops']:8.1f} {share:8.0f}%"
+                print(f"{name:16s} {precision:5s} {layers:6s} {speed}")
+                rows.append(
+                    {
+                        "kind": "throughput",
+                        "architecture": name,
+                        "precision": precision,
+                        "layers": layers,
+                        **r,
+                        "ceiling": ceilings[precision],
+                    }
+                )
     print(f"\n{'study':14s} {'prec':5s} {'3 planes s':>10s}")
     shapes = [(77, 224, 224)] if args.quick else [(77, 224, 224), (200, 320, 320)]
     for shape in shapes:

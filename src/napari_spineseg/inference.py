@@ -368,7 +368,7 @@ class Predictor:
         uncertainty = np.zeros(shape, dtype=np.float32) if (plane_argmax is not None or entropy) else None
         import torch
 
-        chunk = max(1, (1 << 24) // max(1, int(np.prod(accumulator.shape[1:]))))
+        chunk = max(1, (1 << 22) // max(1, int(np.prod(accumulator.shape[1:]))))  # ~4 M values per chunk
         for start in range(0, shape[0], chunk):
             if not vote and not entropy:  # argmax only: the best foreground class against the background
                 part_t = torch.from_numpy(accumulator[start : start + chunk]).float()
