@@ -171,6 +171,11 @@ class FinetuneConfig:
     new_class_margin: float = 1.0  # new class row = parent row, bias lowered by this
     new_class_lr_scale: float = 10.0  # the new classes' output rows learn this much faster
     distill_weight: float = 3.0  # on replay samples, stay close to the base model's predictions (0: off)
+    distill_unreviewed_weight: float = 0.0  # also on the untrusted pixels of the corrected studies (0: off)
+    l2sp_weight: float = 0.0  # pull toward the base weights: weight * sum (w - w_base)² (L2-SP; 0: off)
+    encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to ``lr``
+    select_by_validation: bool = True  # keep the evaluated step that forgot least (see max_forgetting)
+    max_forgetting: float = 0.01  # per-class fixed-set Dice loss tolerated when selecting (0.01 = 1 point)
     new_class_weight: float = 1.0  # loss weight of new classes (> 1 learns faster but lets them spread)
     probe_new_classes: bool = True  # start new rows from a linear probe of the base features (else parent copy)
     reference_from_base: int = 2  # without reference_cases: replay up to N recorded base cases
@@ -196,6 +201,11 @@ class FinetuneConfig:
             raise InputError(f"unknown schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
         if not float(self.changed_priority) >= 1.0:
             raise InputError(f"changed_priority must be at least 1, got {self.changed_priority}")
+        for name in ("distill_weight", "distill_unreviewed_weight", "l2sp_weight", "max_forgetting"):
+            if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) >= 0):
+                raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(float(self.encoder_lr_scale)) and float(self.encoder_lr_scale) > 0):
+            raise InputError(f"encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
         self.planes = [Plane(p).value for p in self.planes]
         if not self.planes:
             raise InputError("choose at least one plane")
@@ -230,6 +240,7 @@ class FinetuneResult:
     base_path: Path | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    selected_step: int | None = None  # the evaluated step whose weights were kept (None: the last)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -993,15 +1004,17 @@ class _ReplayDistillation:
     model's softmax over *all* its classes: probability given to a new class on a reference case
     counts as disagreement (the reference cases hold no painted lesion, so a lesion class must not
     spread over their vertebral bodies).  Correction samples are left alone, so the model is free
-    to change where the annotator corrected it.
+    to change where the annotator corrected it, unless ``unreviewed_weight`` > 0: then their
+    untrusted pixels (target IGNORE) are distilled too, with that weight.
     """
 
-    def __init__(self, base_network, old_k: int, weight: float, device, precision):
+    def __init__(self, base_network, old_k: int, weight: float, device, precision, unreviewed_weight: float = 0.0):
         self.base = copy.deepcopy(base_network).to(device).eval()
         for parameter in self.base.parameters():
             parameter.requires_grad_(False)
         self.old_k = int(old_k)
         self.weight = float(weight)
+        self.unreviewed_weight = float(unreviewed_weight)
         self.device = device
         self.precision = precision
 
@@ -1012,9 +1025,21 @@ class _ReplayDistillation:
         from .loop import _autocast
 
         replay = batch.get("replay")
-        if replay is None or not bool(replay.any()):
+        if replay is None:
+            replay = torch.zeros(len(batch["image"]), dtype=torch.bool)
+        replay = replay.bool()
+        unreviewed = None
+        if self.unreviewed_weight > 0 and "target" in batch:
+            unreviewed = (batch["target"] == IGNORE) & ~replay.view(-1, *([1] * (batch["target"].ndim - 1)))
+            if not bool(unreviewed.any()):
+                unreviewed = None
+        use_replay = self.weight > 0 and bool(replay.any())
+        if not use_replay and unreviewed is None:
             return None
-        rows = replay.nonzero().squeeze(1)
+        wanted = replay.clone() if use_replay else torch.zeros_like(replay)
+        if unreviewed is not None:
+            wanted |= unreviewed.flatten(1).any(dim=1)
+        rows = wanted.nonzero().squeeze(1)
         image = batch["image"][rows].to(self.device)
         if self.precision in ("bf16", "fp16") or self.device.startswith("cuda"):
             image = image.contiguous(memory_format=torch.channels_last)
@@ -1022,8 +1047,96 @@ class _ReplayDistillation:
             teacher = self.base(image)
         target = F.softmax(teacher.float(), dim=1)
         log_p = F.log_softmax(logits[rows.to(logits.device)].float(), dim=1)[:, : self.old_k]
-        kl = (target * (torch.log(target.clamp_min(1e-8)) - log_p)).sum(dim=1)
-        return self.weight * kl.mean() * (len(rows) / len(replay))
+        kl = (target * (torch.log(target.clamp_min(1e-8)) - log_p)).sum(dim=1)  # [rows, H, W]
+        total = None
+        if use_replay:
+            on_replay = replay[rows].to(kl.device)
+            term = self.weight * kl[on_replay].mean() * (int(on_replay.sum()) / len(replay))
+            total = term
+        if unreviewed is not None:
+            mask = unreviewed[rows].to(kl.device)
+            term = self.unreviewed_weight * (kl * mask).sum() / mask[~replay[rows].to(kl.device)].numel()
+            term = term * (int((~replay).sum()) / len(replay))
+            total = term if total is None else total + term
+        return total
+
+
+class _WeightAnchor:
+    """L2-SP (Li et al. 2018): ``weight * sum (w - w_base)²`` over the parameters the fine-tuned
+    network shares (by name and shape) with its base; pulls every weight toward where it started."""
+
+    def __init__(self, network, base_network, weight: float):
+        base = dict(base_network.named_parameters())
+        self.pairs = []
+        for name, parameter in network.named_parameters():
+            start = base.get(name)
+            if start is not None and start.shape == parameter.shape and parameter.requires_grad:
+                self.pairs.append((parameter, start.detach().clone().to(parameter.device)))
+        self.weight = float(weight)
+
+    def __call__(self, network, batch, logits):
+        if not self.pairs or self.weight <= 0:
+            return None
+        if self.pairs[0][1].device != self.pairs[0][0].device:  # the network moved to its device
+            self.pairs = [(p, p0.to(p.device)) for p, p0 in self.pairs]
+        return self.weight * sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in self.pairs)
+
+
+def _combine_hooks(*hooks):
+    active = [h for h in hooks if h is not None]
+    if not active:
+        return None
+
+    def hook(network, batch, logits):
+        total = None
+        for h in active:
+            term = h(network, batch, logits)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
+
+    return hook
+
+
+ENCODER_PREFIXES = ("inc.", "downs.", "encoder.", "backbone.", "convs.", "bns.")
+
+
+def _param_groups(network, encoder_lr_scale: float) -> list[dict[str, Any]] | None:
+    """Optimizer groups: the encoder (by the architectures' module names) at ``encoder_lr_scale``."""
+    if encoder_lr_scale == 1.0:
+        return None
+    encoder, rest = [], []
+    for name, parameter in network.named_parameters():
+        (encoder if name.startswith(ENCODER_PREFIXES) else rest).append(parameter)
+    if not encoder:
+        logger.info("no encoder parameters recognised: one learning rate for the whole network")
+        return None
+    return [{"params": encoder, "lr_scale": float(encoder_lr_scale)}, {"params": rest, "lr_scale": 1.0}]
+
+
+def _select_step(history: Sequence[Mapping[str, Any]], before: Mapping[str, float], tolerance: float) -> int | None:
+    """Index into ``history`` of the evaluated step to keep.
+
+    Candidates: steps whose fixed-set Dice dropped by at most ``tolerance`` for every class; among
+    them the one with the best mean Dice on the corrected studies (later steps win ties).  When none
+    qualifies, the step whose worst per-class drop is smallest.  None without any history.
+    """
+    if not history:
+        return None
+
+    def worst_drop(record) -> float:
+        fixed = record.get("fixed_validation") or {}
+        drops = [float(before[k]) - float(v) for k, v in fixed.items() if k in before and v is not None]
+        return max(drops, default=0.0)
+
+    def corrected(record) -> float:
+        values = [float(v) for v in (record.get("corrections") or {}).values() if v is not None]
+        return float(np.mean(values)) if values else 0.0
+
+    within = [i for i, r in enumerate(history) if worst_drop(r) <= tolerance + 1e-9]
+    if within:
+        return max(within, key=lambda i: (round(corrected(history[i]), 5), i))
+    return min(range(len(history)), key=lambda i: (worst_drop(history[i]), -i))
 
 
 def _file_sha256(path: Path | None) -> str | None:
@@ -1307,10 +1420,24 @@ def finetune(
 
     # Train ---------------------------------------------------------------------------------------
     distill = None
-    if config.distill_weight > 0 and dataset.replay_fraction > 0:
-        distill = _ReplayDistillation(base_network, len(base_meta.classes), config.distill_weight, device, precision)
-    events = train(train_config, correction_cases, network=network, dataset=dataset, loss_hook=distill, cancel=cancel)
+    replay_distill = float(config.distill_weight) if dataset.replay_fraction > 0 else 0.0
+    if replay_distill > 0 or config.distill_unreviewed_weight > 0:
+        distill = _ReplayDistillation(
+            base_network, len(base_meta.classes), replay_distill, device, precision, config.distill_unreviewed_weight
+        )
+    anchor = _WeightAnchor(network, base_network, config.l2sp_weight) if config.l2sp_weight > 0 else None
+    events = train(
+        train_config,
+        correction_cases,
+        network=network,
+        dataset=dataset,
+        loss_hook=_combine_hooks(distill, anchor),
+        cancel=cancel,
+        param_groups=_param_groups(network, float(config.encoder_lr_scale)),
+    )
     history: list[dict[str, Any]] = []
+    records: dict[int, dict[str, Any]] = {}
+    snapshots: dict[int, dict[str, Any]] = {}  # weights at each evaluated step (for the selection)
     last_eval: tuple[int, dict[str, Any]] | None = None
     outcome = None
     try:
@@ -1321,6 +1448,9 @@ def finetune(
                 except Cancelled:
                     continue  # the loop stops at its next step
                 last_eval = (event.step, record)
+                records[event.step] = record
+                if config.select_by_validation:
+                    snapshots[event.step] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
                 flat = {f"fixed/{k}": v for k, v in record["fixed_validation"].items()}
                 flat.update({f"corrected/{k}": v for k, v in record["corrections"].items()})
                 history.append(
@@ -1346,6 +1476,34 @@ def finetune(
         _fuse_new_rows(network)
     assert outcome is not None
     result_network = outcome.network
+    selected_step: int | None = None
+    selection: dict[str, Any] = {"by_validation": bool(config.select_by_validation)}
+    if config.select_by_validation and not outcome.cancelled and history and before.get("fixed_validation"):
+        chosen = _select_step(history, before["fixed_validation"], float(config.max_forgetting))
+        if chosen is not None and history[chosen]["step"] in snapshots:
+            selected_step = int(history[chosen]["step"])
+            if selected_step != outcome.steps:
+                result_network.load_state_dict(snapshots[selected_step])
+            drops = {
+                k: round(100 * (before["fixed_validation"][k] - v), 2)
+                for k, v in history[chosen]["fixed_validation"].items()
+                if k in before["fixed_validation"]
+            }
+            selection.update(step=selected_step, fixed_drop_points=drops, max_forgetting=float(config.max_forgetting))
+            if max(drops.values(), default=0.0) > 100 * float(config.max_forgetting) + 1e-6:
+                warnings.append(
+                    f"the fixed-set Dice dropped by more than {100 * config.max_forgetting:g} point(s) at every "
+                    f"evaluated step; kept step {selected_step}, the one that forgot least ({drops})"
+                )
+                logger.warning(warnings[-1])
+            if selected_step != outcome.steps:
+                yield _status(
+                    f"keeping the weights of step {selected_step} (fixed-set loss within tolerance, best on the "
+                    "corrections)",
+                    total,
+                    outcome.steps,
+                )
+    snapshots.clear()
     _unfreeze_batchnorm(result_network)
     _fuse_new_rows(result_network)
     result_network.eval()
@@ -1353,7 +1511,9 @@ def finetune(
         return cancelled_result(base_network, outcome.steps, history)
 
     # After ---------------------------------------------------------------------------------------
-    if last_eval is not None and last_eval[0] == outcome.steps:
+    if selected_step is not None and selected_step in records:
+        after = records[selected_step]
+    elif last_eval is not None and last_eval[0] == outcome.steps:
         after = last_eval[1]
     else:
         yield _status("measuring the fine-tuned model", total, outcome.steps)
@@ -1400,6 +1560,8 @@ def finetune(
             "pairs": names,
             "pair_details": pair_records,
             "steps": outcome.steps,
+            "selected_step": selected_step if selected_step is not None else outcome.steps,
+            "selection": selection,
             "lr": float(config.lr),
             "batch_size": int(config.batch_size),
             "replay_fraction": dataset.replay_fraction,
@@ -1455,6 +1617,7 @@ def finetune(
         base_path,
         time.perf_counter() - started,
         warnings,
+        selected_step,
     )
     yield TrainEvent(
         "done",
