@@ -514,3 +514,19 @@ def test_weight_anchor_pulls_toward_the_base_weights() -> None:
     assert loss.item() == pytest.approx(2.0 * 0.01 * student.inc[0].weight.numel(), rel=1e-4)
     loss.backward()
     assert student.inc[0].weight.grad.min() > 0  # gradient descent moves it back
+
+
+def test_cli_selection_options(files, base_path: Path, tmp_path: Path, capsys) -> None:
+    common = ["finetune", "--model", str(base_path), "--image", str(files["image"]), "--labels", str(files["labels"])]
+    common += ["--slices", "sagittal:6,7,8", "--batch-size", "4", "--crop", "64", "--precision", "off", "-q"]
+    assert main([*common, "--max-forgetting", "-1", "-o", str(tmp_path / "bad.safetensors")]) == 1
+    assert "max_forgetting" in _error_line(capsys)
+    output = tmp_path / "sel.safetensors"
+    assert main([*common, "--steps", "2", "--val-every", "1", "--max-forgetting", "0.5", "-o", str(output)]) == 0
+    training = load_model(output).metadata.training
+    assert training["selection"]["by_validation"] and training["selection"]["max_forgetting"] == 0.005
+    assert training["config"]["val_every"] == 1 and training["selected_step"] in (1, 2)
+    last = tmp_path / "last.safetensors"
+    assert main([*common, "--steps", "2", "--keep-last", "-o", str(last)]) == 0
+    training = load_model(last).metadata.training
+    assert training["selection"] == {"by_validation": False} and training["selected_step"] == 2

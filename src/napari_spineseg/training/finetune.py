@@ -173,7 +173,7 @@ class FinetuneConfig:
     distill_weight: float = 3.0  # on replay samples, stay close to the base model's predictions (0: off)
     distill_unreviewed_weight: float = 0.0  # also on the untrusted pixels of the corrected studies (0: off)
     l2sp_weight: float = 0.0  # pull toward the base weights: weight * sum (w - w_base)² (L2-SP; 0: off)
-    encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to ``lr``
+    encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to ``lr`` (0: frozen, faster steps)
     select_by_validation: bool = True  # keep the evaluated step that forgot least (see max_forgetting)
     max_forgetting: float = 0.01  # per-class fixed-set Dice loss tolerated when selecting (0.01 = 1 point)
     new_class_weight: float = 1.0  # loss weight of new classes (> 1 learns faster but lets them spread)
@@ -204,8 +204,8 @@ class FinetuneConfig:
         for name in ("distill_weight", "distill_unreviewed_weight", "l2sp_weight", "max_forgetting"):
             if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) >= 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if not (math.isfinite(float(self.encoder_lr_scale)) and float(self.encoder_lr_scale) > 0):
-            raise InputError(f"encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
+        if not (math.isfinite(float(self.encoder_lr_scale)) and float(self.encoder_lr_scale) >= 0):
+            raise InputError(f"encoder_lr_scale must be >= 0 (0: frozen encoder), got {self.encoder_lr_scale}")
         self.planes = [Plane(p).value for p in self.planes]
         if not self.planes:
             raise InputError("choose at least one plane")
@@ -1102,7 +1102,11 @@ ENCODER_PREFIXES = ("inc.", "downs.", "encoder.", "backbone.", "convs.", "bns.")
 
 
 def _param_groups(network, encoder_lr_scale: float) -> list[dict[str, Any]] | None:
-    """Optimizer groups: the encoder (by the architectures' module names) at ``encoder_lr_scale``."""
+    """Optimizer groups: the encoder (by the architectures' module names) at ``encoder_lr_scale``.
+
+    Scale 0 freezes the encoder (``requires_grad`` off: no gradient is computed for it at all,
+    which also makes a step cheaper); :func:`_thaw` undoes that on the result.
+    """
     if encoder_lr_scale == 1.0:
         return None
     encoder, rest = [], []
@@ -1111,7 +1115,16 @@ def _param_groups(network, encoder_lr_scale: float) -> list[dict[str, Any]] | No
     if not encoder:
         logger.info("no encoder parameters recognised: one learning rate for the whole network")
         return None
+    if encoder_lr_scale == 0:
+        for parameter in encoder:
+            parameter.requires_grad_(False)
+        return [{"params": rest, "lr_scale": 1.0}]
     return [{"params": encoder, "lr_scale": float(encoder_lr_scale)}, {"params": rest, "lr_scale": 1.0}]
+
+
+def _thaw(network) -> None:
+    for parameter in network.parameters():
+        parameter.requires_grad_(True)
 
 
 def _select_step(history: Sequence[Mapping[str, Any]], before: Mapping[str, float], tolerance: float) -> int | None:
@@ -1473,11 +1486,14 @@ def finetune(
     finally:
         events.close()
         _unfreeze_batchnorm(network)
+        _thaw(network)
         _fuse_new_rows(network)
     assert outcome is not None
     result_network = outcome.network
     selected_step: int | None = None
     selection: dict[str, Any] = {"by_validation": bool(config.select_by_validation)}
+    if config.select_by_validation:
+        selection["max_forgetting"] = float(config.max_forgetting)
     if config.select_by_validation and not outcome.cancelled and history and before.get("fixed_validation"):
         chosen = _select_step(history, before["fixed_validation"], float(config.max_forgetting))
         if chosen is not None and history[chosen]["step"] in snapshots:
@@ -1489,7 +1505,7 @@ def finetune(
                 for k, v in history[chosen]["fixed_validation"].items()
                 if k in before["fixed_validation"]
             }
-            selection.update(step=selected_step, fixed_drop_points=drops, max_forgetting=float(config.max_forgetting))
+            selection.update(step=selected_step, fixed_drop_points=drops)
             if max(drops.values(), default=0.0) > 100 * float(config.max_forgetting) + 1e-6:
                 warnings.append(
                     f"the fixed-set Dice dropped by more than {100 * config.max_forgetting:g} point(s) at every "
@@ -1506,6 +1522,7 @@ def finetune(
     snapshots.clear()
     _unfreeze_batchnorm(result_network)
     _fuse_new_rows(result_network)
+    _thaw(result_network)
     result_network.eval()
     if outcome.cancelled:
         return cancelled_result(base_network, outcome.steps, history)

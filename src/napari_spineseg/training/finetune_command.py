@@ -37,7 +37,23 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--validation-cases", metavar="IDS", help="fixed validation case ids (later rounds reuse the base model's set)"
     )
     parser.add_argument("--new-validation", action="store_true", help="replace the base model's fixed validation set")
-    parser.add_argument("--val-every", type=int, default=None, help="steps between evaluations (default: at the end)")
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        help="steps between evaluations on the fixed set and the corrections (default 50; the last step always)",
+    )
+    parser.add_argument(
+        "--max-forgetting",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="keep the evaluated step that lost at most this many Dice points per class on the fixed set and did "
+        "best on the corrections (default: 1)",
+    )
+    parser.add_argument(
+        "--keep-last", action="store_true", help="keep the last step's weights (no selection by validation)"
+    )
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
     parser.add_argument(
@@ -148,7 +164,9 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         mixed_precision=args.precision,
-        val_every=args.val_every or args.steps,
+        val_every=args.val_every or min(FinetuneConfig.val_every, args.steps),
+        select_by_validation=not args.keep_last,
+        **({} if args.max_forgetting is None else {"max_forgetting": float(args.max_forgetting) / 100.0}),
         replace_fixed_validation=args.new_validation,
         num_threads=args.threads,
     )
@@ -193,6 +211,8 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     for message in result.warnings:
         print(f"spineseg: warning: {message}", file=sys.stderr)
     print(format_before_after(result.before, result.after))
+    if result.selected_step is not None and result.selected_step != result.steps:
+        print(f"kept the weights of step {result.selected_step} of {result.steps} (fixed-set loss within tolerance)")
     if result.new_classes:
         print("new classes: " + ", ".join(f"{c.value} = {c.name}" for c in result.new_classes))
     path = save_finetuned(result, args.output)
