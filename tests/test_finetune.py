@@ -30,6 +30,7 @@ from napari_spineseg.training.finetune import (
     FinetuneConfig,
     _fuse_new_rows,
     _grow_head,
+    _param_groups,
     _ReplayDistillation,
     _select_step,
     _speed_up_new_rows,
@@ -466,7 +467,7 @@ def _wrecking_pair(study: TrainingCase) -> CorrectionPair:
 
 def test_selection_by_validation_keeps_weights_that_did_not_forget(base_path: Path, fixed_case, study) -> None:
     options = {"steps": 12, "val_every": 3, "lr": 3e-3, "replay_fraction": 0.0, "distill_weight": 0.0}
-    options.update(l2sp_weight=0.0, max_forgetting=0.02)
+    options.update(l2sp_weight=0.0, max_forgetting=0.02, decoder_lr_scale=1.0)
     unguarded = fast_config(**options, select_by_validation=False)
     free = run_finetune(base_path, [_wrecking_pair(study)], unguarded, fixed_validation=[fixed_case])
     guarded = run_finetune(base_path, [_wrecking_pair(study)], fast_config(**options), fixed_validation=[fixed_case])
@@ -530,3 +531,37 @@ def test_cli_selection_options(files, base_path: Path, tmp_path: Path, capsys) -
     assert main([*common, "--steps", "2", "--keep-last", "-o", str(last)]) == 0
     training = load_model(last).metadata.training
     assert training["selection"] == {"by_validation": False} and training["selected_step"] == 2
+
+
+def test_replay_distillation_splits_into_base_classes_and_new_class_veto() -> None:
+    torch.manual_seed(0)
+    base = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2).eval()
+    student = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    student.load_state_dict(base.state_dict())
+    student.eval()
+    _grow_head(student, 5, {4: VERTEBRAL_BODY}, margin=0.0)
+    with torch.no_grad():
+        student.head.conv.bias[4] += 2.0  # the new class claims part of the bodies
+        student.head.conv.bias[1] -= 1.0  # and the base classes drift
+    image = torch.randn(2, 3, 32, 32)
+    batch = {"image": image, "replay": torch.tensor([True, True])}
+    logits = student(image)
+    same = _ReplayDistillation(base, 4, 2.0, "cpu", "fp32")(student, batch, logits).item()
+    split = _ReplayDistillation(base, 4, 2.0, "cpu", "fp32", new_weight=2.0)(student, batch, logits).item()
+    assert split == pytest.approx(same, rel=1e-5)  # equal weights: the plain divergence
+    no_veto = _ReplayDistillation(base, 4, 2.0, "cpu", "fp32", new_weight=0.0)(student, batch, logits).item()
+    veto = -torch.log1p(-torch.softmax(logits, 1)[:, 4]).mean().item()
+    assert no_veto == pytest.approx(same - 2.0 * veto, rel=1e-4) and 0 < no_veto < same
+
+
+def test_param_groups_scale_the_decoder_and_can_freeze_the_encoder() -> None:
+    network = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    assert _param_groups(network, 1.0, 1.0) is None
+    groups = _param_groups(network, 0.5, 10.0)
+    scales = {g["lr_scale"]: sum(p.numel() for p in g["params"]) for g in groups}
+    encoder = sum(p.numel() for n, p in network.named_parameters() if n.startswith(("inc.", "downs.")))
+    total = sum(p.numel() for p in network.parameters())
+    assert scales == {10.0: total - encoder, 0.5: encoder}
+    frozen = _param_groups(network, 0.0, 10.0)
+    assert len(frozen) == 1 and sum(p.numel() for p in frozen[0]["params"]) == total - encoder
+    assert not any(p.requires_grad for n, p in network.named_parameters() if n.startswith("inc."))

@@ -34,15 +34,24 @@ New classes
 
 Forgetting
     A few ``reference_cases`` (cases the base model was trained on; by default two recorded in the
-    base model's metadata) are replayed at ``replay_fraction`` of the samples, and on those
+    base model's metadata) are replayed at ``replay_fraction`` (0.5) of the samples, and on those
     samples the fine-tuned model is kept close to the base model's predictions
-    (``distill_weight``, "learning without forgetting"; new-class probability there counts as
-    disagreement).  Batch-norm statistics stay frozen.  Per-class Dice is measured before and
-    after on a *fixed* validation set whose identities are stored in the new model
-    (``training["fixed_validation"]``) and reused from the base model when present, so every
-    round is judged on the same cases; the first round takes the base model's own validation
-    cases (at most ``fixed_validation_limit``) unless given.  Before/after Dice is also
-    reported on the corrected studies (restricted to the trusted voxels).
+    (``distill_weight`` 10, "learning without forgetting"; probability given to a new class there
+    counts as disagreement, weighed by ``new_class_distill_weight``).  Batch-norm statistics stay
+    frozen.  The encoder learns at ``lr`` and the decoder at ``decoder_lr_scale`` (10) times it:
+    the decoder adapts the boundaries to the annotator while the features the other studies rely
+    on move little (``encoder_lr_scale`` 0 freezes them; ``l2sp_weight`` pulls every weight
+    toward the base, ``distill_unreviewed_weight`` distils on the corrected studies' unreviewed
+    pixels too; both off by default).  Per-class Dice is measured before and at every
+    evaluation (``val_every``) on a *fixed* validation set whose identities are stored in the
+    new model (``training["fixed_validation"]``) and reused from the base model when present, so
+    every round is judged on the same cases; the first round takes the base model's own
+    validation cases (at most ``fixed_validation_limit``) unless given.  Before/after Dice is
+    also reported on the corrected studies (restricted to the trusted voxels).  With
+    ``select_by_validation`` the kept weights are those of the evaluated step whose fixed-set
+    Dice fell by at most ``max_forgetting`` (1 point) for every class and that scored best on the
+    corrections (the step that forgot least, with a warning, if none did); the held-out parts of
+    a study are never used to choose.
 
 The result is a new model (metadata with full provenance: base name and checksums, pairs,
 steps, lr, new classes, before/after); :func:`save_finetuned` writes it atomically and refuses
@@ -150,7 +159,7 @@ class FinetuneConfig:
     steps: int = 200
     lr: float = 1e-4
     batch_size: int = 8
-    replay_fraction: float = 0.3  # share of samples drawn from the reference cases
+    replay_fraction: float = 0.5  # share of samples drawn from the reference cases
     planes: list[str] = field(default_factory=lambda: [p.value for p in ALL_PLANES])
     class_names: dict[int, str] = field(default_factory=dict)  # names of (new) label values
     seed: int = 0
@@ -170,10 +179,12 @@ class FinetuneConfig:
     freeze_batchnorm: bool = True  # keep the base model's normalisation statistics
     new_class_margin: float = 1.0  # new class row = parent row, bias lowered by this
     new_class_lr_scale: float = 10.0  # the new classes' output rows learn this much faster
-    distill_weight: float = 3.0  # on replay samples, stay close to the base model's predictions (0: off)
+    distill_weight: float = 10.0  # on replay samples, stay close to the base model's predictions (0: off)
+    new_class_distill_weight: float = 3.0  # ... and give the new classes no probability there
     distill_unreviewed_weight: float = 0.0  # also on the untrusted pixels of the corrected studies (0: off)
     l2sp_weight: float = 0.0  # pull toward the base weights: weight * sum (w - w_base)² (L2-SP; 0: off)
     encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to ``lr`` (0: frozen, faster steps)
+    decoder_lr_scale: float = 10.0  # decoder and output layer (the new classes' rows: new_class_lr_scale)
     select_by_validation: bool = True  # keep the evaluated step that forgot least (see max_forgetting)
     max_forgetting: float = 0.01  # per-class fixed-set Dice loss tolerated when selecting (0.01 = 1 point)
     new_class_weight: float = 1.0  # loss weight of new classes (> 1 learns faster but lets them spread)
@@ -201,9 +212,17 @@ class FinetuneConfig:
             raise InputError(f"unknown schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
         if not float(self.changed_priority) >= 1.0:
             raise InputError(f"changed_priority must be at least 1, got {self.changed_priority}")
-        for name in ("distill_weight", "distill_unreviewed_weight", "l2sp_weight", "max_forgetting"):
+        for name in (
+            "distill_weight",
+            "new_class_distill_weight",
+            "distill_unreviewed_weight",
+            "l2sp_weight",
+            "max_forgetting",
+        ):
             if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) >= 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(float(self.decoder_lr_scale)) and float(self.decoder_lr_scale) > 0):
+            raise InputError(f"decoder_lr_scale must be positive, got {self.decoder_lr_scale}")
         if not (math.isfinite(float(self.encoder_lr_scale)) and float(self.encoder_lr_scale) >= 0):
             raise InputError(f"encoder_lr_scale must be >= 0 (0: frozen encoder), got {self.encoder_lr_scale}")
         self.planes = [Plane(p).value for p in self.planes]
@@ -1006,14 +1025,29 @@ class _ReplayDistillation:
     spread over their vertebral bodies).  Correction samples are left alone, so the model is free
     to change where the annotator corrected it, unless ``unreviewed_weight`` > 0: then their
     untrusted pixels (target IGNORE) are distilled too, with that weight.
+
+    The divergence splits exactly into ``KL(q ‖ p̂) − log(1 − p_new)`` (``p̂``: the fine-tuned
+    model's probabilities renormalised over the base classes, ``p_new``: its new-class mass);
+    ``new_weight`` (default ``weight``) weighs the second term: a strong pull toward the base
+    classes' predictions need not be an equally strong veto on a new class.
     """
 
-    def __init__(self, base_network, old_k: int, weight: float, device, precision, unreviewed_weight: float = 0.0):
+    def __init__(
+        self,
+        base_network,
+        old_k: int,
+        weight: float,
+        device,
+        precision,
+        unreviewed_weight: float = 0.0,
+        new_weight: float | None = None,
+    ):
         self.base = copy.deepcopy(base_network).to(device).eval()
         for parameter in self.base.parameters():
             parameter.requires_grad_(False)
         self.old_k = int(old_k)
         self.weight = float(weight)
+        self.new_weight = self.weight if new_weight is None else float(new_weight)
         self.unreviewed_weight = float(unreviewed_weight)
         self.device = device
         self.precision = precision
@@ -1046,12 +1080,18 @@ class _ReplayDistillation:
         with torch.no_grad(), _autocast(self.device, self.precision):
             teacher = self.base(image)
         target = F.softmax(teacher.float(), dim=1)
-        log_p = F.log_softmax(logits[rows.to(logits.device)].float(), dim=1)[:, : self.old_k]
+        student = logits[rows.to(logits.device)].float()
+        log_p = F.log_softmax(student, dim=1)[:, : self.old_k]
         kl = (target * (torch.log(target.clamp_min(1e-8)) - log_p)).sum(dim=1)  # [rows, H, W]
         total = None
         if use_replay:
             on_replay = replay[rows].to(kl.device)
-            term = self.weight * kl[on_replay].mean() * (int(on_replay.sum()) / len(replay))
+            replay_kl = kl[on_replay]
+            if student.shape[1] > self.old_k and self.new_weight != self.weight:
+                # −log(1 − p_new) = logsumexp(all) − logsumexp(base classes): the new classes' share
+                veto = (torch.logsumexp(student, dim=1) - torch.logsumexp(student[:, : self.old_k], dim=1))[on_replay]
+                replay_kl = (replay_kl - veto) + (self.new_weight / max(self.weight, 1e-12)) * veto
+            term = self.weight * replay_kl.mean() * (int(on_replay.sum()) / len(replay))
             total = term
         if unreviewed is not None:
             mask = unreviewed[rows].to(kl.device)
@@ -1101,25 +1141,36 @@ def _combine_hooks(*hooks):
 ENCODER_PREFIXES = ("inc.", "downs.", "encoder.", "backbone.", "convs.", "bns.")
 
 
-def _param_groups(network, encoder_lr_scale: float) -> list[dict[str, Any]] | None:
-    """Optimizer groups: the encoder (by the architectures' module names) at ``encoder_lr_scale``.
+def _param_groups(network, encoder_lr_scale: float, decoder_lr_scale: float = 1.0) -> list[dict[str, Any]] | None:
+    """Optimizer groups: the encoder (by the architectures' module names) at ``encoder_lr_scale``,
+    the rest (decoder, output layer) at ``decoder_lr_scale``, the new classes' rows at 1 (they have
+    their own speed-up, :func:`_speed_up_new_rows`).
 
     Scale 0 freezes the encoder (``requires_grad`` off: no gradient is computed for it at all,
     which also makes a step cheaper); :func:`_thaw` undoes that on the result.
     """
-    if encoder_lr_scale == 1.0:
+    if encoder_lr_scale == 1.0 and decoder_lr_scale == 1.0:
         return None
-    encoder, rest = [], []
+    encoder, rest, new_rows = [], [], []
     for name, parameter in network.named_parameters():
-        (encoder if name.startswith(ENCODER_PREFIXES) else rest).append(parameter)
+        if name.startswith(ENCODER_PREFIXES):
+            encoder.append(parameter)
+        elif name.rpartition(".")[2] in ("new_weight", "new_bias"):
+            new_rows.append(parameter)
+        else:
+            rest.append(parameter)
     if not encoder:
         logger.info("no encoder parameters recognised: one learning rate for the whole network")
         return None
+    groups = [{"params": rest, "lr_scale": float(decoder_lr_scale)}]
+    if new_rows:
+        groups.append({"params": new_rows, "lr_scale": 1.0})
     if encoder_lr_scale == 0:
         for parameter in encoder:
             parameter.requires_grad_(False)
-        return [{"params": rest, "lr_scale": 1.0}]
-    return [{"params": encoder, "lr_scale": float(encoder_lr_scale)}, {"params": rest, "lr_scale": 1.0}]
+    else:
+        groups.append({"params": encoder, "lr_scale": float(encoder_lr_scale)})
+    return groups
 
 
 def _thaw(network) -> None:
@@ -1436,7 +1487,13 @@ def finetune(
     replay_distill = float(config.distill_weight) if dataset.replay_fraction > 0 else 0.0
     if replay_distill > 0 or config.distill_unreviewed_weight > 0:
         distill = _ReplayDistillation(
-            base_network, len(base_meta.classes), replay_distill, device, precision, config.distill_unreviewed_weight
+            base_network,
+            len(base_meta.classes),
+            replay_distill,
+            device,
+            precision,
+            config.distill_unreviewed_weight,
+            float(config.new_class_distill_weight),
         )
     anchor = _WeightAnchor(network, base_network, config.l2sp_weight) if config.l2sp_weight > 0 else None
     events = train(
@@ -1446,7 +1503,7 @@ def finetune(
         dataset=dataset,
         loss_hook=_combine_hooks(distill, anchor),
         cancel=cancel,
-        param_groups=_param_groups(network, float(config.encoder_lr_scale)),
+        param_groups=_param_groups(network, float(config.encoder_lr_scale), float(config.decoder_lr_scale)),
     )
     history: list[dict[str, Any]] = []
     records: dict[int, dict[str, Any]] = {}

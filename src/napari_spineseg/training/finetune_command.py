@@ -30,7 +30,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=256, help="training crop size in pixels")
     parser.add_argument("--class-name", action="append", metavar="VALUE=NAME", help="name a (new) label value")
-    parser.add_argument("--replay-fraction", type=float, default=0.3, help="share of samples from reference cases")
+    parser.add_argument(
+        "--replay-fraction", type=float, default=None, help="share of samples from reference cases (default 0.5)"
+    )
     parser.add_argument("--reference-data", metavar="DIR", help="lumbar-mri folder holding reference/validation cases")
     parser.add_argument("--reference-cases", metavar="IDS", help="case ids replayed against forgetting, e.g. VB3-06")
     parser.add_argument(
@@ -159,7 +161,7 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         crop_size=args.crop,
-        replay_fraction=args.replay_fraction,
+        **({} if args.replay_fraction is None else {"replay_fraction": args.replay_fraction}),
         class_names=parse_class_names(args.class_name),
         seed=args.seed,
         device=args.device,
