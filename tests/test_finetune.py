@@ -565,3 +565,16 @@ def test_param_groups_scale_the_decoder_and_can_freeze_the_encoder() -> None:
     frozen = _param_groups(network, 0.0, 10.0)
     assert len(frozen) == 1 and sum(p.numel() for p in frozen[0]["params"]) == total - encoder
     assert not any(p.requires_grad for n, p in network.named_parameters() if n.startswith("inc."))
+
+
+def test_frozen_input_stages_keep_the_first_encoder_stage(base_path: Path, fixed_case, study) -> None:
+    pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), study.labels, name="f")
+    result = run_finetune(
+        base_path, [pair], fast_config(steps=3, lr=1e-3, frozen_input_stages=1), fixed_validation=[fixed_case]
+    )
+    base = load_model(base_path).network.state_dict()
+    tuned = result.network.state_dict()
+    inc = [k for k in base if k.startswith("inc.")]
+    assert inc and all(torch.equal(tuned[k], base[k]) for k in inc)
+    assert not torch.equal(tuned["downs.0.1.0.weight"], base["downs.0.1.0.weight"])  # the next stage learns
+    assert all(p.requires_grad for p in result.network.parameters())  # thawed for whoever trains it next

@@ -185,6 +185,7 @@ class FinetuneConfig:
     l2sp_weight: float = 0.0  # pull toward the base weights: weight * sum (w - w_base)² (L2-SP; 0: off)
     encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to ``lr`` (0: frozen, faster steps)
     decoder_lr_scale: float = 10.0  # decoder and output layer (the new classes' rows: new_class_lr_scale)
+    frozen_input_stages: int = 0  # U-Nets: freeze the first N encoder stages (inc, downs.0, ...): faster steps
     select_by_validation: bool = True  # keep the evaluated step that forgot least (see max_forgetting)
     max_forgetting: float = 0.01  # per-class fixed-set Dice loss tolerated when selecting (0.01 = 1 point)
     new_class_weight: float = 1.0  # loss weight of new classes (> 1 learns faster but lets them spread)
@@ -221,6 +222,8 @@ class FinetuneConfig:
         ):
             if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) >= 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if int(self.frozen_input_stages) < 0:
+            raise InputError(f"frozen_input_stages must be >= 0, got {self.frozen_input_stages}")
         if not (math.isfinite(float(self.decoder_lr_scale)) and float(self.decoder_lr_scale) > 0):
             raise InputError(f"decoder_lr_scale must be positive, got {self.decoder_lr_scale}")
         if not (math.isfinite(float(self.encoder_lr_scale)) and float(self.encoder_lr_scale) >= 0):
@@ -1141,6 +1144,27 @@ def _combine_hooks(*hooks):
 ENCODER_PREFIXES = ("inc.", "downs.", "encoder.", "backbone.", "convs.", "bns.")
 
 
+def _input_stage(name: str) -> int | None:
+    """Encoder stage of a U-Net parameter (``inc.`` 0, ``downs.K.`` K + 1), else None."""
+    if name.startswith("inc."):
+        return 0
+    head, _, rest = name.partition(".")
+    index = rest.partition(".")[0]
+    return int(index) + 1 if head == "downs" and index.isdigit() else None
+
+
+def _freeze_input_stages(network, stages: int) -> int:
+    """Freeze the first ``stages`` encoder stages (no gradient is computed for them); returns the
+    number of frozen parameters.  Undone by :func:`_thaw`."""
+    frozen = 0
+    for name, parameter in network.named_parameters():
+        stage = _input_stage(name)
+        if stage is not None and stage < stages:
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
 def _param_groups(network, encoder_lr_scale: float, decoder_lr_scale: float = 1.0) -> list[dict[str, Any]] | None:
     """Optimizer groups: the encoder (by the architectures' module names) at ``encoder_lr_scale``,
     the rest (decoder, output layer) at ``decoder_lr_scale``, the new classes' rows at 1 (they have
@@ -1153,6 +1177,8 @@ def _param_groups(network, encoder_lr_scale: float, decoder_lr_scale: float = 1.
         return None
     encoder, rest, new_rows = [], [], []
     for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            continue
         if name.startswith(ENCODER_PREFIXES):
             encoder.append(parameter)
         elif name.rpartition(".")[2] in ("new_weight", "new_bias"):
@@ -1495,6 +1521,10 @@ def finetune(
             config.distill_unreviewed_weight,
             float(config.new_class_distill_weight),
         )
+    if config.frozen_input_stages > 0:
+        count = _freeze_input_stages(network, int(config.frozen_input_stages))
+        if not count:
+            warnings.append("frozen_input_stages: no U-Net encoder stage found; nothing frozen")
     anchor = _WeightAnchor(network, base_network, config.l2sp_weight) if config.l2sp_weight > 0 else None
     events = train(
         train_config,
