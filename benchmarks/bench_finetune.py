@@ -63,6 +63,8 @@ CONFIG_KEYS = (  # the forgetting-related settings recorded with every row
     "select_by_validation",
     "max_forgetting",
     "encoder_lr_scale",
+    "decoder_lr_scale",
+    "frozen_input_stages",
     "l2sp_weight",
     "distill_unreviewed_weight",
     "freeze_batchnorm",

@@ -40,7 +40,8 @@ Forgetting
     counts as disagreement, weighed by ``new_class_distill_weight``).  Batch-norm statistics stay
     frozen.  The encoder learns at ``lr`` and the decoder at ``decoder_lr_scale`` (10) times it:
     the decoder adapts the boundaries to the annotator while the features the other studies rely
-    on move little (``encoder_lr_scale`` 0 freezes them; ``l2sp_weight`` pulls every weight
+    on move little; the U-Net's full-resolution input stage is frozen (``frozen_input_stages``,
+    13 % cheaper steps) and ``encoder_lr_scale`` 0 freezes the encoder; ``l2sp_weight`` pulls every weight
     toward the base, ``distill_unreviewed_weight`` distils on the corrected studies' unreviewed
     pixels too; both off by default).  Per-class Dice is measured before and at every
     evaluation (``val_every``) on a *fixed* validation set whose identities are stored in the
@@ -185,7 +186,7 @@ class FinetuneConfig:
     l2sp_weight: float = 0.0  # pull toward the base weights: weight * sum (w - w_base)² (L2-SP; 0: off)
     encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to ``lr`` (0: frozen, faster steps)
     decoder_lr_scale: float = 10.0  # decoder and output layer (the new classes' rows: new_class_lr_scale)
-    frozen_input_stages: int = 0  # U-Nets: freeze the first N encoder stages (inc, downs.0, ...): faster steps
+    frozen_input_stages: int = 1  # U-Nets: freeze the first N encoder stages (inc, downs.0, ...): faster steps
     select_by_validation: bool = True  # keep the evaluated step that forgot least (see max_forgetting)
     max_forgetting: float = 0.01  # per-class fixed-set Dice loss tolerated when selecting (0.01 = 1 point)
     new_class_weight: float = 1.0  # loss weight of new classes (> 1 learns faster but lets them spread)
