@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -57,6 +58,17 @@ FIXED = ["VB3-01", "IVD-11"]  # held out of the default recipe's training and of
 REFERENCES = ["VB3-06", "IVD-20"]  # replayed against forgetting (training cases of both)
 LESION_CASES = ["VB3-02", "VB3-04", "VB3-05"]
 BOOTSTRAP_HELD_OUT = {"VB3-01", "VB3-02", "VB3-04", "VB3-05", "IVD-11"}
+CONFIG_KEYS = (  # the forgetting-related settings recorded with every row
+    "val_every",
+    "select_by_validation",
+    "max_forgetting",
+    "encoder_lr_scale",
+    "decoder_lr_scale",
+    "frozen_input_stages",
+    "l2sp_weight",
+    "distill_unreviewed_weight",
+    "freeze_batchnorm",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +141,9 @@ def forgetting_rows(name: str, result) -> list[dict]:
 
 
 def fixed_note(result) -> str:
-    return "fixed validation: " + ", ".join(fixed_validation_ids(result.metadata))
+    kept = result.metadata.training.get("selected_step", result.steps)
+    ids = ", ".join(fixed_validation_ids(result.metadata))
+    return f"fixed validation: {ids}; weights of step {kept} of {result.steps}"
 
 
 def row(experiment, metric, before, after, target="", notes="") -> dict:
@@ -257,16 +271,30 @@ def main() -> int:
     parser.add_argument("--base", help="base model (name or .safetensors); default spineseg-default or bootstrap")
     parser.add_argument("--data", default=str(DATA), help="lumbar-mri folder")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    defaults = FinetuneConfig()
+    parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--bootstrap-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="20 steps, for a smoke run")
     parser.add_argument("--skip-lesion", action="store_true", help="skip the simulated-lesion experiment")
     parser.add_argument("--only-lesion", action="store_true", help="only the simulated-lesion experiment")
-    parser.add_argument("--replay-fraction", type=float, default=0.3)
-    parser.add_argument("--distill-weight", type=float, default=3.0)
+    parser.add_argument("--replay-fraction", type=float, default=defaults.replay_fraction)
+    parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight)
+    parser.add_argument("--val-every", type=int, default=defaults.val_every, help="steps between evaluations")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="any other FinetuneConfig field, e.g. l2sp_weight=0.1",
+    )
+    parser.add_argument("--output", help="CSV file (default: results/finetune.csv or finetune-lesion.csv)")
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = json.loads(value)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -282,10 +310,11 @@ def main() -> int:
         lr=args.lr,
         batch_size=8,
         crop_size=256,
-        val_every=args.steps,
+        val_every=min(args.val_every, args.steps),
         replay_fraction=args.replay_fraction,
         distill_weight=args.distill_weight,
         num_threads=args.threads,
+        **overrides,
     )
 
     rows, stamps = [], []
@@ -310,6 +339,7 @@ def main() -> int:
         r["lr"] = args.lr
         r["replay_fraction"] = args.replay_fraction
         r["distill_weight"] = args.distill_weight
+        r["config"] = json.dumps({k: v for k, v in config.to_dict().items() if k in CONFIG_KEYS})
     print(
         f"\nbase model: {base.metadata.name} [{source}]; {args.steps} steps, lr {args.lr}, "
         f"replay {args.replay_fraction}, distillation {args.distill_weight}"
@@ -323,7 +353,9 @@ def main() -> int:
             f"{change:>8s}  {r['target'] or (r['notes'] if r['metric'] == 'new class' else '')}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("finetune-lesion.csv" if args.only_lesion else "finetune.csv")
+    out = (
+        Path(args.output) if args.output else RESULTS / ("finetune-lesion.csv" if args.only_lesion else "finetune.csv")
+    )
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -18,7 +18,7 @@ from napari_spineseg.augment import IGNORE
 from napari_spineseg.cli import main
 from napari_spineseg.errors import Cancelled, GeometryMismatchError, InputError
 from napari_spineseg.io import write_volume
-from napari_spineseg.modelfile import ModelMetadata, load_model, save_model
+from napari_spineseg.modelfile import LoadedModel, ModelMetadata, load_model, save_model
 from napari_spineseg.models import build_model
 from napari_spineseg.orientation import Plane, plane_array_axis
 from napari_spineseg.phantom import make_phantom
@@ -30,8 +30,11 @@ from napari_spineseg.training.finetune import (
     FinetuneConfig,
     _fuse_new_rows,
     _grow_head,
+    _param_groups,
     _ReplayDistillation,
+    _select_step,
     _speed_up_new_rows,
+    _WeightAnchor,
     build_finetune_dataset,
     case_record,
     cases_from_base_metadata,
@@ -430,3 +433,148 @@ def test_case_records_from_a_trained_base_model(data_dir: Path) -> None:
     again = load_case_record(record)
     assert again.case_id == "IVD-11" and np.array_equal(again.labels.array, first.labels.array)
     assert [c.case_id for c in cases_from_base_metadata(metadata, "val")] == ["IVD-11", "VB3-01"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Forgetting guards: each test fails when its guard is removed
+# ------------------------------------------------------------------------------------------------
+def test_select_step_prefers_the_best_corrections_within_the_tolerance() -> None:
+    before = {"vertebral body": 0.80, "intervertebral disc": 0.90}
+
+    def record(step, body, disc, corrected):
+        fixed = {"vertebral body": body, "intervertebral disc": disc}
+        return {"step": step, "fixed_validation": fixed, "corrections": {"vertebral body": corrected}}
+
+    history = [
+        record(10, 0.795, 0.898, 0.70),  # within 1 point
+        record(20, 0.792, 0.900, 0.75),  # within: best corrections of those within
+        record(30, 0.780, 0.905, 0.85),  # bodies −2 points: out however good the corrections
+    ]
+    assert _select_step(history, before, 0.01) == 1
+    assert _select_step(history, before, 0.03) == 2
+    # nothing within the tolerance: the step that forgot least
+    assert _select_step(history, before, 0.001) == 0
+    assert _select_step([], before, 0.01) is None
+
+
+def _wrecking_pair(study: TrainingCase) -> CorrectionPair:
+    """ "Corrections" that erase every vertebral body of the study: training on them makes the
+    model forget the bodies everywhere, the fixed validation case included."""
+    labels = study.labels.array.copy()
+    labels[labels == VERTEBRAL_BODY] = 0
+    return CorrectionPair(study.image, study.labels.with_array(labels), name="wreck")
+
+
+def test_selection_by_validation_keeps_weights_that_did_not_forget(base_path: Path, fixed_case, study) -> None:
+    options = {"steps": 12, "val_every": 3, "lr": 3e-3, "replay_fraction": 0.0, "distill_weight": 0.0}
+    options.update(l2sp_weight=0.0, max_forgetting=0.02, decoder_lr_scale=1.0)
+    unguarded = fast_config(**options, select_by_validation=False)
+    free = run_finetune(base_path, [_wrecking_pair(study)], unguarded, fixed_validation=[fixed_case])
+    guarded = run_finetune(base_path, [_wrecking_pair(study)], fast_config(**options), fixed_validation=[fixed_case])
+    body_before = free.before["fixed_validation"]["vertebral body"]
+    assert free.selected_step is None and free.metadata.training["selected_step"] == 12
+    assert free.after["fixed_validation"]["vertebral body"] < body_before - 0.1  # the scenario does forget
+    # the guard keeps the evaluated step whose fixed-set Dice dropped least (or within 2 points)
+    drops = [body_before - h["fixed_validation"]["vertebral body"] for h in guarded.history]
+    assert [h["step"] for h in guarded.history] == [3, 6, 9, 12]
+    kept = guarded.selected_step
+    assert kept is not None and kept < 12 and guarded.metadata.training["selected_step"] == kept
+    assert body_before - guarded.after["fixed_validation"]["vertebral body"] <= max(0.02, min(drops)) + 1e-6
+    assert guarded.after["fixed_validation"]["vertebral body"] > free.after["fixed_validation"]["vertebral body"] + 0.1
+    # the saved network is the kept step's, not the last one: re-measuring it gives the kept record
+    again = run_finetune(
+        LoadedModel(guarded.network, guarded.metadata, None),
+        [_wrecking_pair(study)],
+        fast_config(steps=1, lr=1e-12, replay_fraction=0.0, select_by_validation=False),
+        fixed_validation=[fixed_case],
+    )
+    assert again.before["fixed_validation"] == pytest.approx(guarded.after["fixed_validation"], abs=1e-4)
+
+
+def test_batchnorm_statistics_stay_the_base_models(round1, base_path: Path) -> None:
+    result, _ = round1
+    base = load_model(base_path).network.state_dict()
+    tuned = result.network.state_dict()
+    stats = [k for k in base if k.endswith(("running_mean", "running_var"))]
+    assert stats  # the tiny U-Net has batch norm
+    for key in stats:  # a small corrections batch must not re-estimate the base's normalisation
+        assert torch.equal(tuned[key], base[key]), key
+    assert result.metadata.training["frozen_batchnorm_layers"] > 0
+
+
+def test_weight_anchor_pulls_toward_the_base_weights() -> None:
+    torch.manual_seed(0)
+    base = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    student = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    student.load_state_dict(base.state_dict())
+    anchor = _WeightAnchor(student, base, 2.0)
+    assert anchor(student, {}, None).item() == 0.0
+    with torch.no_grad():
+        student.inc[0].weight.add_(0.1)
+    loss = anchor(student, {}, None)
+    assert loss.item() == pytest.approx(2.0 * 0.01 * student.inc[0].weight.numel(), rel=1e-4)
+    loss.backward()
+    assert student.inc[0].weight.grad.min() > 0  # gradient descent moves it back
+
+
+def test_cli_selection_options(files, base_path: Path, tmp_path: Path, capsys) -> None:
+    common = ["finetune", "--model", str(base_path), "--image", str(files["image"]), "--labels", str(files["labels"])]
+    common += ["--slices", "sagittal:6,7,8", "--batch-size", "4", "--crop", "64", "--precision", "off", "-q"]
+    assert main([*common, "--max-forgetting", "-1", "-o", str(tmp_path / "bad.safetensors")]) == 1
+    assert "max_forgetting" in _error_line(capsys)
+    output = tmp_path / "sel.safetensors"
+    assert main([*common, "--steps", "2", "--val-every", "1", "--max-forgetting", "0.5", "-o", str(output)]) == 0
+    training = load_model(output).metadata.training
+    assert training["selection"]["by_validation"] and training["selection"]["max_forgetting"] == 0.005
+    assert training["config"]["val_every"] == 1 and training["selected_step"] in (1, 2)
+    last = tmp_path / "last.safetensors"
+    assert main([*common, "--steps", "2", "--keep-last", "-o", str(last)]) == 0
+    training = load_model(last).metadata.training
+    assert training["selection"] == {"by_validation": False} and training["selected_step"] == 2
+
+
+def test_replay_distillation_splits_into_base_classes_and_new_class_veto() -> None:
+    torch.manual_seed(0)
+    base = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2).eval()
+    student = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    student.load_state_dict(base.state_dict())
+    student.eval()
+    _grow_head(student, 5, {4: VERTEBRAL_BODY}, margin=0.0)
+    with torch.no_grad():
+        student.head.conv.bias[4] += 2.0  # the new class claims part of the bodies
+        student.head.conv.bias[1] -= 1.0  # and the base classes drift
+    image = torch.randn(2, 3, 32, 32)
+    batch = {"image": image, "replay": torch.tensor([True, True])}
+    logits = student(image)
+    same = _ReplayDistillation(base, 4, 2.0, "cpu", "fp32")(student, batch, logits).item()
+    split = _ReplayDistillation(base, 4, 2.0, "cpu", "fp32", new_weight=2.0)(student, batch, logits).item()
+    assert split == pytest.approx(same, rel=1e-5)  # equal weights: the plain divergence
+    no_veto = _ReplayDistillation(base, 4, 2.0, "cpu", "fp32", new_weight=0.0)(student, batch, logits).item()
+    veto = -torch.log1p(-torch.softmax(logits, 1)[:, 4]).mean().item()
+    assert no_veto == pytest.approx(same - 2.0 * veto, rel=1e-4) and 0 < no_veto < same
+
+
+def test_param_groups_scale_the_decoder_and_can_freeze_the_encoder() -> None:
+    network = build_model("unet", in_channels=3, num_classes=4, base=4, depth=2)
+    assert _param_groups(network, 1.0, 1.0) is None
+    groups = _param_groups(network, 0.5, 10.0)
+    scales = {g["lr_scale"]: sum(p.numel() for p in g["params"]) for g in groups}
+    encoder = sum(p.numel() for n, p in network.named_parameters() if n.startswith(("inc.", "downs.")))
+    total = sum(p.numel() for p in network.parameters())
+    assert scales == {10.0: total - encoder, 0.5: encoder}
+    frozen = _param_groups(network, 0.0, 10.0)
+    assert len(frozen) == 1 and sum(p.numel() for p in frozen[0]["params"]) == total - encoder
+    assert not any(p.requires_grad for n, p in network.named_parameters() if n.startswith("inc."))
+
+
+def test_frozen_input_stages_keep_the_first_encoder_stage(base_path: Path, fixed_case, study) -> None:
+    pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), study.labels, name="f")
+    result = run_finetune(
+        base_path, [pair], fast_config(steps=3, lr=1e-3, frozen_input_stages=1), fixed_validation=[fixed_case]
+    )
+    base = load_model(base_path).network.state_dict()
+    tuned = result.network.state_dict()
+    inc = [k for k in base if k.startswith("inc.")]
+    assert inc and all(torch.equal(tuned[k], base[k]) for k in inc)
+    assert not torch.equal(tuned["downs.0.1.0.weight"], base["downs.0.1.0.weight"])  # the next stage learns
+    assert all(p.requires_grad for p in result.network.parameters())  # thawed for whoever trains it next

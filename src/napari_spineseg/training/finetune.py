@@ -34,15 +34,25 @@ New classes
 
 Forgetting
     A few ``reference_cases`` (cases the base model was trained on; by default two recorded in the
-    base model's metadata) are replayed at ``replay_fraction`` of the samples, and on those
+    base model's metadata) are replayed at ``replay_fraction`` (0.5) of the samples, and on those
     samples the fine-tuned model is kept close to the base model's predictions
-    (``distill_weight``, "learning without forgetting"; new-class probability there counts as
-    disagreement).  Batch-norm statistics stay frozen.  Per-class Dice is measured before and
-    after on a *fixed* validation set whose identities are stored in the new model
-    (``training["fixed_validation"]``) and reused from the base model when present, so every
-    round is judged on the same cases; the first round takes the base model's own validation
-    cases (at most ``fixed_validation_limit``) unless given.  Before/after Dice is also
-    reported on the corrected studies (restricted to the trusted voxels).
+    (``distill_weight`` 10, "learning without forgetting"; probability given to a new class there
+    counts as disagreement, weighed by ``new_class_distill_weight``).  Batch-norm statistics stay
+    frozen.  The encoder learns at ``lr`` and the decoder at ``decoder_lr_scale`` (10) times it:
+    the decoder adapts the boundaries to the annotator while the features the other studies rely
+    on move little; the U-Net's full-resolution input stage is frozen (``frozen_input_stages``,
+    13 % cheaper steps) and ``encoder_lr_scale`` 0 freezes the encoder; ``l2sp_weight`` pulls every weight
+    toward the base, ``distill_unreviewed_weight`` distils on the corrected studies' unreviewed
+    pixels too; both off by default).  Per-class Dice is measured before and at every
+    evaluation (``val_every``) on a *fixed* validation set whose identities are stored in the
+    new model (``training["fixed_validation"]``) and reused from the base model when present, so
+    every round is judged on the same cases; the first round takes the base model's own
+    validation cases (at most ``fixed_validation_limit``) unless given.  Before/after Dice is
+    also reported on the corrected studies (restricted to the trusted voxels).  With
+    ``select_by_validation`` the kept weights are those of the evaluated step whose fixed-set
+    Dice fell by at most ``max_forgetting`` (1 point) for every class and that scored best on the
+    corrections (the step that forgot least, with a warning, if none did); the held-out parts of
+    a study are never used to choose.
 
 The result is a new model (metadata with full provenance: base name and checksums, pairs,
 steps, lr, new classes, before/after); :func:`save_finetuned` writes it atomically and refuses
@@ -150,7 +160,7 @@ class FinetuneConfig:
     steps: int = 200
     lr: float = 1e-4
     batch_size: int = 8
-    replay_fraction: float = 0.3  # share of samples drawn from the reference cases
+    replay_fraction: float = 0.5  # share of samples drawn from the reference cases
     planes: list[str] = field(default_factory=lambda: [p.value for p in ALL_PLANES])
     class_names: dict[int, str] = field(default_factory=dict)  # names of (new) label values
     seed: int = 0
@@ -170,7 +180,15 @@ class FinetuneConfig:
     freeze_batchnorm: bool = True  # keep the base model's normalisation statistics
     new_class_margin: float = 1.0  # new class row = parent row, bias lowered by this
     new_class_lr_scale: float = 10.0  # the new classes' output rows learn this much faster
-    distill_weight: float = 3.0  # on replay samples, stay close to the base model's predictions (0: off)
+    distill_weight: float = 10.0  # on replay samples, stay close to the base model's predictions (0: off)
+    new_class_distill_weight: float = 3.0  # ... and give the new classes no probability there
+    distill_unreviewed_weight: float = 0.0  # also on the untrusted pixels of the corrected studies (0: off)
+    l2sp_weight: float = 0.0  # pull toward the base weights: weight * sum (w - w_base)² (L2-SP; 0: off)
+    encoder_lr_scale: float = 1.0  # the encoder's learning rate relative to ``lr`` (0: frozen, faster steps)
+    decoder_lr_scale: float = 10.0  # decoder and output layer (the new classes' rows: new_class_lr_scale)
+    frozen_input_stages: int = 1  # U-Nets: freeze the first N encoder stages (inc, downs.0, ...): faster steps
+    select_by_validation: bool = True  # keep the evaluated step that forgot least (see max_forgetting)
+    max_forgetting: float = 0.01  # per-class fixed-set Dice loss tolerated when selecting (0.01 = 1 point)
     new_class_weight: float = 1.0  # loss weight of new classes (> 1 learns faster but lets them spread)
     probe_new_classes: bool = True  # start new rows from a linear probe of the base features (else parent copy)
     reference_from_base: int = 2  # without reference_cases: replay up to N recorded base cases
@@ -196,6 +214,21 @@ class FinetuneConfig:
             raise InputError(f"unknown schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
         if not float(self.changed_priority) >= 1.0:
             raise InputError(f"changed_priority must be at least 1, got {self.changed_priority}")
+        for name in (
+            "distill_weight",
+            "new_class_distill_weight",
+            "distill_unreviewed_weight",
+            "l2sp_weight",
+            "max_forgetting",
+        ):
+            if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) >= 0):
+                raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if int(self.frozen_input_stages) < 0:
+            raise InputError(f"frozen_input_stages must be >= 0, got {self.frozen_input_stages}")
+        if not (math.isfinite(float(self.decoder_lr_scale)) and float(self.decoder_lr_scale) > 0):
+            raise InputError(f"decoder_lr_scale must be positive, got {self.decoder_lr_scale}")
+        if not (math.isfinite(float(self.encoder_lr_scale)) and float(self.encoder_lr_scale) >= 0):
+            raise InputError(f"encoder_lr_scale must be >= 0 (0: frozen encoder), got {self.encoder_lr_scale}")
         self.planes = [Plane(p).value for p in self.planes]
         if not self.planes:
             raise InputError("choose at least one plane")
@@ -230,6 +263,7 @@ class FinetuneResult:
     base_path: Path | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    selected_step: int | None = None  # the evaluated step whose weights were kept (None: the last)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -993,15 +1027,32 @@ class _ReplayDistillation:
     model's softmax over *all* its classes: probability given to a new class on a reference case
     counts as disagreement (the reference cases hold no painted lesion, so a lesion class must not
     spread over their vertebral bodies).  Correction samples are left alone, so the model is free
-    to change where the annotator corrected it.
+    to change where the annotator corrected it, unless ``unreviewed_weight`` > 0: then their
+    untrusted pixels (target IGNORE) are distilled too, with that weight.
+
+    The divergence splits exactly into ``KL(q ‖ p̂) − log(1 − p_new)`` (``p̂``: the fine-tuned
+    model's probabilities renormalised over the base classes, ``p_new``: its new-class mass);
+    ``new_weight`` (default ``weight``) weighs the second term: a strong pull toward the base
+    classes' predictions need not be an equally strong veto on a new class.
     """
 
-    def __init__(self, base_network, old_k: int, weight: float, device, precision):
+    def __init__(
+        self,
+        base_network,
+        old_k: int,
+        weight: float,
+        device,
+        precision,
+        unreviewed_weight: float = 0.0,
+        new_weight: float | None = None,
+    ):
         self.base = copy.deepcopy(base_network).to(device).eval()
         for parameter in self.base.parameters():
             parameter.requires_grad_(False)
         self.old_k = int(old_k)
         self.weight = float(weight)
+        self.new_weight = self.weight if new_weight is None else float(new_weight)
+        self.unreviewed_weight = float(unreviewed_weight)
         self.device = device
         self.precision = precision
 
@@ -1012,18 +1063,171 @@ class _ReplayDistillation:
         from .loop import _autocast
 
         replay = batch.get("replay")
-        if replay is None or not bool(replay.any()):
+        if replay is None:
+            replay = torch.zeros(len(batch["image"]), dtype=torch.bool)
+        replay = replay.bool()
+        unreviewed = None
+        if self.unreviewed_weight > 0 and "target" in batch:
+            unreviewed = (batch["target"] == IGNORE) & ~replay.view(-1, *([1] * (batch["target"].ndim - 1)))
+            if not bool(unreviewed.any()):
+                unreviewed = None
+        use_replay = self.weight > 0 and bool(replay.any())
+        if not use_replay and unreviewed is None:
             return None
-        rows = replay.nonzero().squeeze(1)
+        wanted = replay.clone() if use_replay else torch.zeros_like(replay)
+        if unreviewed is not None:
+            wanted |= unreviewed.flatten(1).any(dim=1)
+        rows = wanted.nonzero().squeeze(1)
         image = batch["image"][rows].to(self.device)
         if self.precision in ("bf16", "fp16") or self.device.startswith("cuda"):
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(self.device, self.precision):
             teacher = self.base(image)
         target = F.softmax(teacher.float(), dim=1)
-        log_p = F.log_softmax(logits[rows.to(logits.device)].float(), dim=1)[:, : self.old_k]
-        kl = (target * (torch.log(target.clamp_min(1e-8)) - log_p)).sum(dim=1)
-        return self.weight * kl.mean() * (len(rows) / len(replay))
+        student = logits[rows.to(logits.device)].float()
+        log_p = F.log_softmax(student, dim=1)[:, : self.old_k]
+        kl = (target * (torch.log(target.clamp_min(1e-8)) - log_p)).sum(dim=1)  # [rows, H, W]
+        total = None
+        if use_replay:
+            on_replay = replay[rows].to(kl.device)
+            replay_kl = kl[on_replay]
+            if student.shape[1] > self.old_k and self.new_weight != self.weight:
+                # −log(1 − p_new) = logsumexp(all) − logsumexp(base classes): the new classes' share
+                veto = (torch.logsumexp(student, dim=1) - torch.logsumexp(student[:, : self.old_k], dim=1))[on_replay]
+                replay_kl = (replay_kl - veto) + (self.new_weight / max(self.weight, 1e-12)) * veto
+            term = self.weight * replay_kl.mean() * (int(on_replay.sum()) / len(replay))
+            total = term
+        if unreviewed is not None:
+            mask = unreviewed[rows].to(kl.device)
+            term = self.unreviewed_weight * (kl * mask).sum() / mask[~replay[rows].to(kl.device)].numel()
+            term = term * (int((~replay).sum()) / len(replay))
+            total = term if total is None else total + term
+        return total
+
+
+class _WeightAnchor:
+    """L2-SP (Li et al. 2018): ``weight * sum (w - w_base)²`` over the parameters the fine-tuned
+    network shares (by name and shape) with its base; pulls every weight toward where it started."""
+
+    def __init__(self, network, base_network, weight: float):
+        base = dict(base_network.named_parameters())
+        self.pairs = []
+        for name, parameter in network.named_parameters():
+            start = base.get(name)
+            if start is not None and start.shape == parameter.shape and parameter.requires_grad:
+                self.pairs.append((parameter, start.detach().clone().to(parameter.device)))
+        self.weight = float(weight)
+
+    def __call__(self, network, batch, logits):
+        if not self.pairs or self.weight <= 0:
+            return None
+        if self.pairs[0][1].device != self.pairs[0][0].device:  # the network moved to its device
+            self.pairs = [(p, p0.to(p.device)) for p, p0 in self.pairs]
+        return self.weight * sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in self.pairs)
+
+
+def _combine_hooks(*hooks):
+    active = [h for h in hooks if h is not None]
+    if not active:
+        return None
+
+    def hook(network, batch, logits):
+        total = None
+        for h in active:
+            term = h(network, batch, logits)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
+
+    return hook
+
+
+ENCODER_PREFIXES = ("inc.", "downs.", "encoder.", "backbone.", "convs.", "bns.")
+
+
+def _input_stage(name: str) -> int | None:
+    """Encoder stage of a U-Net parameter (``inc.`` 0, ``downs.K.`` K + 1), else None."""
+    if name.startswith("inc."):
+        return 0
+    head, _, rest = name.partition(".")
+    index = rest.partition(".")[0]
+    return int(index) + 1 if head == "downs" and index.isdigit() else None
+
+
+def _freeze_input_stages(network, stages: int) -> int:
+    """Freeze the first ``stages`` encoder stages (no gradient is computed for them); returns the
+    number of frozen parameters.  Undone by :func:`_thaw`."""
+    frozen = 0
+    for name, parameter in network.named_parameters():
+        stage = _input_stage(name)
+        if stage is not None and stage < stages:
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
+def _param_groups(network, encoder_lr_scale: float, decoder_lr_scale: float = 1.0) -> list[dict[str, Any]] | None:
+    """Optimizer groups: the encoder (by the architectures' module names) at ``encoder_lr_scale``,
+    the rest (decoder, output layer) at ``decoder_lr_scale``, the new classes' rows at 1 (they have
+    their own speed-up, :func:`_speed_up_new_rows`).
+
+    Scale 0 freezes the encoder (``requires_grad`` off: no gradient is computed for it at all,
+    which also makes a step cheaper); :func:`_thaw` undoes that on the result.
+    """
+    if encoder_lr_scale == 1.0 and decoder_lr_scale == 1.0:
+        return None
+    encoder, rest, new_rows = [], [], []
+    for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.startswith(ENCODER_PREFIXES):
+            encoder.append(parameter)
+        elif name.rpartition(".")[2] in ("new_weight", "new_bias"):
+            new_rows.append(parameter)
+        else:
+            rest.append(parameter)
+    if not encoder:
+        logger.info("no encoder parameters recognised: one learning rate for the whole network")
+        return None
+    groups = [{"params": rest, "lr_scale": float(decoder_lr_scale)}]
+    if new_rows:
+        groups.append({"params": new_rows, "lr_scale": 1.0})
+    if encoder_lr_scale == 0:
+        for parameter in encoder:
+            parameter.requires_grad_(False)
+    else:
+        groups.append({"params": encoder, "lr_scale": float(encoder_lr_scale)})
+    return groups
+
+
+def _thaw(network) -> None:
+    for parameter in network.parameters():
+        parameter.requires_grad_(True)
+
+
+def _select_step(history: Sequence[Mapping[str, Any]], before: Mapping[str, float], tolerance: float) -> int | None:
+    """Index into ``history`` of the evaluated step to keep.
+
+    Candidates: steps whose fixed-set Dice dropped by at most ``tolerance`` for every class; among
+    them the one with the best mean Dice on the corrected studies (later steps win ties).  When none
+    qualifies, the step whose worst per-class drop is smallest.  None without any history.
+    """
+    if not history:
+        return None
+
+    def worst_drop(record) -> float:
+        fixed = record.get("fixed_validation") or {}
+        drops = [float(before[k]) - float(v) for k, v in fixed.items() if k in before and v is not None]
+        return max(drops, default=0.0)
+
+    def corrected(record) -> float:
+        values = [float(v) for v in (record.get("corrections") or {}).values() if v is not None]
+        return float(np.mean(values)) if values else 0.0
+
+    within = [i for i, r in enumerate(history) if worst_drop(r) <= tolerance + 1e-9]
+    if within:
+        return max(within, key=lambda i: (round(corrected(history[i]), 5), i))
+    return min(range(len(history)), key=lambda i: (worst_drop(history[i]), -i))
 
 
 def _file_sha256(path: Path | None) -> str | None:
@@ -1307,10 +1511,34 @@ def finetune(
 
     # Train ---------------------------------------------------------------------------------------
     distill = None
-    if config.distill_weight > 0 and dataset.replay_fraction > 0:
-        distill = _ReplayDistillation(base_network, len(base_meta.classes), config.distill_weight, device, precision)
-    events = train(train_config, correction_cases, network=network, dataset=dataset, loss_hook=distill, cancel=cancel)
+    replay_distill = float(config.distill_weight) if dataset.replay_fraction > 0 else 0.0
+    if replay_distill > 0 or config.distill_unreviewed_weight > 0:
+        distill = _ReplayDistillation(
+            base_network,
+            len(base_meta.classes),
+            replay_distill,
+            device,
+            precision,
+            config.distill_unreviewed_weight,
+            float(config.new_class_distill_weight),
+        )
+    if config.frozen_input_stages > 0:
+        count = _freeze_input_stages(network, int(config.frozen_input_stages))
+        if not count:
+            warnings.append("frozen_input_stages: no U-Net encoder stage found; nothing frozen")
+    anchor = _WeightAnchor(network, base_network, config.l2sp_weight) if config.l2sp_weight > 0 else None
+    events = train(
+        train_config,
+        correction_cases,
+        network=network,
+        dataset=dataset,
+        loss_hook=_combine_hooks(distill, anchor),
+        cancel=cancel,
+        param_groups=_param_groups(network, float(config.encoder_lr_scale), float(config.decoder_lr_scale)),
+    )
     history: list[dict[str, Any]] = []
+    records: dict[int, dict[str, Any]] = {}
+    snapshots: dict[int, dict[str, Any]] = {}  # weights at each evaluated step (for the selection)
     last_eval: tuple[int, dict[str, Any]] | None = None
     outcome = None
     try:
@@ -1321,6 +1549,9 @@ def finetune(
                 except Cancelled:
                     continue  # the loop stops at its next step
                 last_eval = (event.step, record)
+                records[event.step] = record
+                if config.select_by_validation:
+                    snapshots[event.step] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
                 flat = {f"fixed/{k}": v for k, v in record["fixed_validation"].items()}
                 flat.update({f"corrected/{k}": v for k, v in record["corrections"].items()})
                 history.append(
@@ -1343,17 +1574,51 @@ def finetune(
     finally:
         events.close()
         _unfreeze_batchnorm(network)
+        _thaw(network)
         _fuse_new_rows(network)
     assert outcome is not None
     result_network = outcome.network
+    selected_step: int | None = None
+    selection: dict[str, Any] = {"by_validation": bool(config.select_by_validation)}
+    if config.select_by_validation:
+        selection["max_forgetting"] = float(config.max_forgetting)
+    if config.select_by_validation and not outcome.cancelled and history and before.get("fixed_validation"):
+        chosen = _select_step(history, before["fixed_validation"], float(config.max_forgetting))
+        if chosen is not None and history[chosen]["step"] in snapshots:
+            selected_step = int(history[chosen]["step"])
+            if selected_step != outcome.steps:
+                result_network.load_state_dict(snapshots[selected_step])
+            drops = {
+                k: round(100 * (before["fixed_validation"][k] - v), 2)
+                for k, v in history[chosen]["fixed_validation"].items()
+                if k in before["fixed_validation"]
+            }
+            selection.update(step=selected_step, fixed_drop_points=drops)
+            if max(drops.values(), default=0.0) > 100 * float(config.max_forgetting) + 1e-6:
+                warnings.append(
+                    f"the fixed-set Dice dropped by more than {100 * config.max_forgetting:g} point(s) at every "
+                    f"evaluated step; kept step {selected_step}, the one that forgot least ({drops})"
+                )
+                logger.warning(warnings[-1])
+            if selected_step != outcome.steps:
+                yield _status(
+                    f"keeping the weights of step {selected_step} (fixed-set loss within tolerance, best on the "
+                    "corrections)",
+                    total,
+                    outcome.steps,
+                )
+    snapshots.clear()
     _unfreeze_batchnorm(result_network)
     _fuse_new_rows(result_network)
+    _thaw(result_network)
     result_network.eval()
     if outcome.cancelled:
         return cancelled_result(base_network, outcome.steps, history)
 
     # After ---------------------------------------------------------------------------------------
-    if last_eval is not None and last_eval[0] == outcome.steps:
+    if selected_step is not None and selected_step in records:
+        after = records[selected_step]
+    elif last_eval is not None and last_eval[0] == outcome.steps:
         after = last_eval[1]
     else:
         yield _status("measuring the fine-tuned model", total, outcome.steps)
@@ -1400,6 +1665,8 @@ def finetune(
             "pairs": names,
             "pair_details": pair_records,
             "steps": outcome.steps,
+            "selected_step": selected_step if selected_step is not None else outcome.steps,
+            "selection": selection,
             "lr": float(config.lr),
             "batch_size": int(config.batch_size),
             "replay_fraction": dataset.replay_fraction,
@@ -1455,6 +1722,7 @@ def finetune(
         base_path,
         time.perf_counter() - started,
         warnings,
+        selected_step,
     )
     yield TrainEvent(
         "done",

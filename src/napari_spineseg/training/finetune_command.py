@@ -30,14 +30,32 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=256, help="training crop size in pixels")
     parser.add_argument("--class-name", action="append", metavar="VALUE=NAME", help="name a (new) label value")
-    parser.add_argument("--replay-fraction", type=float, default=0.3, help="share of samples from reference cases")
+    parser.add_argument(
+        "--replay-fraction", type=float, default=None, help="share of samples from reference cases (default 0.5)"
+    )
     parser.add_argument("--reference-data", metavar="DIR", help="lumbar-mri folder holding reference/validation cases")
     parser.add_argument("--reference-cases", metavar="IDS", help="case ids replayed against forgetting, e.g. VB3-06")
     parser.add_argument(
         "--validation-cases", metavar="IDS", help="fixed validation case ids (later rounds reuse the base model's set)"
     )
     parser.add_argument("--new-validation", action="store_true", help="replace the base model's fixed validation set")
-    parser.add_argument("--val-every", type=int, default=None, help="steps between evaluations (default: at the end)")
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        help="steps between evaluations on the fixed set and the corrections (default 50; the last step always)",
+    )
+    parser.add_argument(
+        "--max-forgetting",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="keep the evaluated step that lost at most this many Dice points per class on the fixed set and did "
+        "best on the corrections (default: 1)",
+    )
+    parser.add_argument(
+        "--keep-last", action="store_true", help="keep the last step's weights (no selection by validation)"
+    )
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
     parser.add_argument(
@@ -143,12 +161,14 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         crop_size=args.crop,
-        replay_fraction=args.replay_fraction,
+        **({} if args.replay_fraction is None else {"replay_fraction": args.replay_fraction}),
         class_names=parse_class_names(args.class_name),
         seed=args.seed,
         device=args.device,
         mixed_precision=args.precision,
-        val_every=args.val_every or args.steps,
+        val_every=args.val_every or min(FinetuneConfig.val_every, args.steps),
+        select_by_validation=not args.keep_last,
+        **({} if args.max_forgetting is None else {"max_forgetting": float(args.max_forgetting) / 100.0}),
         replace_fixed_validation=args.new_validation,
         num_threads=args.threads,
     )
@@ -193,6 +213,8 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     for message in result.warnings:
         print(f"spineseg: warning: {message}", file=sys.stderr)
     print(format_before_after(result.before, result.after))
+    if result.selected_step is not None and result.selected_step != result.steps:
+        print(f"kept the weights of step {result.selected_step} of {result.steps} (fixed-set loss within tolerance)")
     if result.new_classes:
         print("new classes: " + ", ".join(f"{c.value} = {c.name}" for c in result.new_classes))
     path = save_finetuned(result, args.output)

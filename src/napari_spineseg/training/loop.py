@@ -17,7 +17,9 @@ classes annotated in that case.  The best model is chosen by the mean of the per
 
 Fine-tuning hooks: pass ``network=`` (an initial network, e.g. a loaded model), ``replay_cases=``
 (mixed into the training set), ``dataset=`` (any dataset yielding the same sample dicts) and
-``loss_hook=`` (``hook(network, batch, logits) -> extra loss tensor or None``).
+``loss_hook=`` (``hook(network, batch, logits) -> extra loss tensor or None``) and
+``param_groups=`` (optimizer parameter groups; a group's ``"lr_scale"`` multiplies the schedule's
+learning rate for it, e.g. a slower encoder).
 """
 
 from __future__ import annotations
@@ -579,14 +581,17 @@ def train(
     loss_hook: Callable[[Any, dict[str, Any], Any], Any] | None = None,
     cancel: threading.Event | None = None,
     provenance: dict[str, Any] | None = None,
+    param_groups: Sequence[dict[str, Any]] | None = None,
 ) -> Generator[TrainEvent, None, TrainResult]:
     """Train per ``config``; yields :class:`TrainEvent`; returns (and reports) a :class:`TrainResult`.
 
     ``network``: start from this network (e.g. ``load_model(...).network``) instead of a fresh
     one; its architecture is recorded.  ``replay_cases`` are mixed into the training cases.
     ``dataset`` replaces the dataset built from the cases.  ``loss_hook(network, batch, logits)``
-    may return an extra loss term.  ``cancel`` stops the run cleanly between steps (a resume
-    checkpoint is written).  ``provenance`` is merged into the model's training record.
+    may return an extra loss term.  ``param_groups`` (parameters of ``network``, each group
+    optionally with an ``"lr_scale"``) replace the single group of all parameters.  ``cancel``
+    stops the run cleanly between steps (a resume checkpoint is written).  ``provenance`` is merged
+    into the model's training record.
     Under ``torch.distributed`` (see :mod:`.distributed`) only rank 0 validates and writes.
     """
     import torch
@@ -617,7 +622,10 @@ def train(
     net = net.to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    groups = [dict(g) for g in param_groups] if param_groups is not None else [{"params": list(net.parameters())}]
+    for group in groups:
+        group["lr_scale"] = float(group.get("lr_scale", 1.0))
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     step, best_score, best_step, history, bad_validations = 0, None, None, [], 0
     if config.resume is not None:
         model_state, opt_state, state = load_resume_state(config.resume)
@@ -780,7 +788,7 @@ def train(
                     break
                 lr = _lr_at(config, step, total_steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 image = batch["image"].to(device, non_blocking=True)
                 if channels_last:
                     image = image.contiguous(memory_format=torch.channels_last)
