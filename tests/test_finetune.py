@@ -7,6 +7,8 @@ for a few seconds; torch runs on one thread here (the machine's 2 cores are shar
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from napari_spineseg.augment import IGNORE
 from napari_spineseg.cli import main
 from napari_spineseg.errors import Cancelled, GeometryMismatchError, InputError
+from napari_spineseg.gate import GateRecord, LesionGate, attach_gate
 from napari_spineseg.io import write_volume
 from napari_spineseg.modelfile import LoadedModel, ModelMetadata, load_model, save_model
 from napari_spineseg.models import build_model
@@ -28,6 +31,7 @@ from napari_spineseg.training import TrainConfig, TrainingCase, run_training
 from napari_spineseg.training.finetune import (
     CorrectionPair,
     FinetuneConfig,
+    FinetuneResult,
     _fuse_new_rows,
     _grow_head,
     _param_groups,
@@ -36,6 +40,7 @@ from napari_spineseg.training.finetune import (
     _speed_up_new_rows,
     _WeightAnchor,
     build_finetune_dataset,
+    carried_gate,
     case_record,
     cases_from_base_metadata,
     correction_targets,
@@ -578,3 +583,56 @@ def test_frozen_input_stages_keep_the_first_encoder_stage(base_path: Path, fixed
     assert inc and all(torch.equal(tuned[k], base[k]) for k in inc)
     assert not torch.equal(tuned["downs.0.1.0.weight"], base["downs.0.1.0.weight"])  # the next stage learns
     assert all(p.requires_grad for p in result.network.parameters())  # thawed for whoever trains it next
+
+
+# ------------------------------------------------------------------------------------------------
+# Lesion-presence gate of the base model
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gated_base(round1, tmp_path_factory) -> Path:
+    """The round-1 model (with a lesion class, value 4) plus a tiny untrained lesion gate."""
+    result, _ = round1
+    folder = tmp_path_factory.mktemp("gated")
+    plain = load_model(save_finetuned(result, folder / "round1.safetensors"))
+    record = GateRecord("lesion-classifier", {"width": 1 / 16, "dropout": 0.0, "pool": "avg"}, 1, 0.4, [LESION])
+    torch.manual_seed(3)
+    gate = LesionGate(record.build().eval(), record)
+    return attach_gate(plain, gate, folder / "gated.safetensors")
+
+
+def test_finetune_carries_the_base_gate_over_unchanged(gated_base: Path, fixed_case, study, tmp_path: Path) -> None:
+    base = load_model(gated_base)
+    assert base.gate is not None
+    pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), study.labels, name="again")
+    result = run_finetune(gated_base, [pair], fast_config(steps=2, replay_fraction=0.0), fixed_validation=[fixed_case])
+    assert result.gate is not None and not any("gate" in w for w in result.warnings)
+    assert result.metadata.training["lesion_gate"] == "carried over unchanged from the base model"
+    loaded = load_model(save_finetuned(result, tmp_path / "round2.safetensors"))  # digest checked on load
+    assert loaded.gate is not None
+    assert loaded.gate.record.to_dict() == base.gate.record.to_dict()
+    for key, value in base.gate.network.state_dict().items():
+        torch.testing.assert_close(loaded.gate.network.state_dict()[key], value, rtol=0, atol=0)
+    batch = np.random.default_rng(0).normal(size=(3, 3, 48, 48)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.gate.scores(batch), base.gate.scores(batch))
+    assert any(not np.allclose(loaded.network.state_dict()[k], v) for k, v in base.network.state_dict().items())
+
+
+def test_a_gate_that_no_longer_fits_is_dropped_with_a_warning(gated_base: Path, tmp_path: Path, caplog) -> None:
+    base = load_model(gated_base)
+    # Another context -> no carry-over, and the reason is given.
+    gate, warning = carried_gate(base.gate, dataclasses.replace(base.metadata, context_slices=2), "b")
+    assert gate is None and "lesion gate of the base model 'b' is not carried over" in warning
+    kept, none = carried_gate(base.gate, base.metadata)
+    assert kept is base.gate and none is None
+    # A result whose lesion class value is gone (the classes were changed after fine-tuning).
+    classes = list(base.metadata.classes)
+    classes[-1] = dataclasses.replace(classes[-1], value=6)
+    result = FinetuneResult(
+        base.network, dataclasses.replace(base.metadata, classes=classes), {}, {}, [], gate=base.gate
+    )
+    with caplog.at_level(logging.WARNING, logger="napari_spineseg"):
+        path = save_finetuned(result, tmp_path / "changed.safetensors")
+    assert any("not carried over" in w and "[4]" in w for w in result.warnings)
+    assert any("not carried over" in r.getMessage() for r in caplog.records)
+    loaded = load_model(path)
+    assert loaded.gate is None and [c.value for c in loaded.metadata.classes][-1] == 6

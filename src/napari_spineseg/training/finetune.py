@@ -56,7 +56,9 @@ Forgetting
 
 The result is a new model (metadata with full provenance: base name and checksums, pairs,
 steps, lr, new classes, before/after); :func:`save_finetuned` writes it atomically and refuses
-to overwrite the base model's file.
+to overwrite the base model's file.  A base model's lesion-presence gate (:mod:`napari_spineseg.gate`)
+is carried over unchanged while it still fits (same context slices, gated class values still
+classes); otherwise it is dropped with a warning in the result.
 """
 
 from __future__ import annotations
@@ -264,6 +266,7 @@ class FinetuneResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     selected_step: int | None = None  # the evaluated step whose weights were kept (None: the last)
+    gate: Any = None  # the base model's lesion gate (napari_spineseg.gate.LesionGate), carried over unchanged
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1651,6 +1654,14 @@ def finetune(
                 "values": sorted(int(v) for v in np.unique(target.labels) if v != IGNORE),
             }
         )
+    gate = None
+    if loaded.gate is not None:
+        gate, gate_warning = carried_gate(loaded.gate, eval_metadata(result_network, classes), base_meta.name)
+        if gate_warning is not None:
+            warnings.append(gate_warning)
+            logger.warning(gate_warning)
+        else:
+            gate = copy.deepcopy(gate)
     training = _json_safe(
         {
             "recipe": "finetune",
@@ -1681,6 +1692,11 @@ def finetune(
             "config": config.to_dict(),
             "train_config": train_config.to_dict(),
             "frozen_batchnorm_layers": frozen,
+            "lesion_gate": (
+                None
+                if loaded.gate is None
+                else ("carried over unchanged from the base model" if gate is not None else "dropped (see warnings)")
+            ),
             "device": device,
             "precision": precision,
             "torch_version": torch.__version__,
@@ -1723,6 +1739,7 @@ def finetune(
         time.perf_counter() - started,
         warnings,
         selected_step,
+        gate,
     )
     yield TrainEvent(
         "done",
@@ -1745,6 +1762,22 @@ def run_finetune(base, pairs, config: FinetuneConfig | None = None, **kwargs) ->
 # ------------------------------------------------------------------------------------------------
 # Saving
 # ------------------------------------------------------------------------------------------------
+def carried_gate(gate: Any, metadata: ModelMetadata, base_name: str | None = None) -> tuple[Any, str | None]:
+    """(the gate to store with a fine-tuned model, a warning): the base model's lesion gate is
+    kept unchanged when it still fits (same context slices, every gated class value still a
+    class); otherwise it is dropped and the warning says why (never silently)."""
+    if gate is None:
+        return None, None
+    from ..gate import _check_compatible
+
+    try:
+        _check_compatible(gate.record, metadata, InputError, "fine-tuned model")
+    except InputError as error:
+        base = "the base model" + (f" {base_name!r}" if base_name else "")
+        return None, f"the lesion gate of {base} is not carried over ({error}); the fine-tuned model has no gate"
+    return gate, None
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         if a.exists() and b.exists():
@@ -1783,7 +1816,8 @@ def save_finetuned(result: FinetuneResult, path_or_name: str | Path) -> Path:
     Never overwrites the base model's file; a cancelled run cannot be saved.  A plain name also
     becomes the model's stored name.
     """
-    from ..modelfile import MODEL_SUFFIX, save_model
+    from ..gate import attach_gate
+    from ..modelfile import MODEL_SUFFIX
 
     if result.cancelled:
         raise Cancelled("fine-tuning was cancelled: there is no fine-tuned model to save")
@@ -1792,6 +1826,11 @@ def save_finetuned(result: FinetuneResult, path_or_name: str | Path) -> Path:
     base_path = result.base_path or (Path(base_record["path"]) if base_record.get("path") else None)
     check_output_path(path, base_path)
     metadata = result.metadata
+    name = None
     if path.name[: -len(MODEL_SUFFIX)] == str(path_or_name).strip():  # saved under a plain model name
-        metadata = dataclasses.replace(metadata, name=str(path_or_name).strip())
-    return save_model(result.network, metadata, path)
+        name = str(path_or_name).strip()
+    gate, warning = carried_gate(result.gate, metadata, base_record.get("name"))
+    if warning is not None:  # the result's classes were changed after fine-tuning
+        result.warnings.append(warning)
+        logger.warning(warning)
+    return attach_gate(result, gate, path, name=name)
