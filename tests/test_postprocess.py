@@ -144,3 +144,35 @@ def test_postprocess_on_a_full_size_volume() -> None:
     labels[noise] = rng.integers(1, 5, size=int(noise.sum()))
     out = postprocess_labels(labels, (3.0, 0.6, 0.6), default_postprocess())
     assert np.count_nonzero(out[noise & (labels == 4)]) == 0  # isolated lesion speckles removed
+
+
+def test_canal_far_from_every_vertebral_body_is_removed_even_when_largest() -> None:
+    labels = np.zeros((60, 70, 80), np.uint8)
+    labels[25:35, 30:40, 35:45] = 1  # a vertebral body
+    labels[25:35, 42:50, 35:45] = 3  # canal right behind it (800 voxels)
+    labels[0:10, 0:10, 0:20] = 3  # a bigger false "canal" 30+ mm away (2000 voxels)
+    rule = ClassPostprocess(keep_largest=1, near_class=1, near_mm=20.0)
+    out = postprocess_labels(labels, (1.0, 1.0, 1.0), PostprocessConfig({3: rule}))
+    assert (out[25:35, 42:50, 35:45] == 3).all()
+    assert not (out[0:10, 0:10, 0:20] == 3).any()
+    # without the prior the bigger, false component wins
+    plain = postprocess_labels(labels, (1.0, 1.0, 1.0), PostprocessConfig({3: ClassPostprocess(keep_largest=1)}))
+    assert (plain[0:10, 0:10, 0:20] == 3).all() and not (plain[25:35, 42:50, 35:45] == 3).any()
+    # no body in the map: the prior does not apply (nothing is removed for lack of a reference)
+    no_body = np.where(labels == 1, 0, labels).astype(np.uint8)
+    rule_only = ClassPostprocess(near_class=1, near_mm=20.0)
+    assert np.array_equal(postprocess_labels(no_body, (1.0, 1.0, 1.0), PostprocessConfig({3: rule_only})), no_body)
+    assert ClassPostprocess.from_dict(rule.to_dict()) == rule
+
+
+def test_near_region_never_misses_a_voxel_within_the_distance() -> None:
+    from napari_spineseg.postprocess import _near_region
+
+    reference = np.zeros((40, 50, 30), bool)
+    reference[20, 25, 15] = True
+    spacing = (2.0, 0.7, 1.3)
+    near = _near_region(reference, spacing, 12.0)
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(reference.shape, spacing)], indexing="ij"))
+    distance = np.sqrt(((grid - np.array([20 * 2.0, 25 * 0.7, 15 * 1.3])[:, None, None, None]) ** 2).sum(axis=0))
+    assert near[distance <= 12.0].all()
+    assert not near[distance > 40.0].any()

@@ -41,12 +41,19 @@ __all__ = [
 @dataclass
 class ClassPostprocess:
     """Clean-up of one class: minimum component volume (mm³), keep-largest-n (0 = all),
-    3-D hole filling and closing radius (mm)."""
+    3-D hole filling and closing radius (mm).
+
+    ``near_class``/``near_mm``: an anatomical prior applied before keep-largest: only components
+    that come within ``near_mm`` mm of class ``near_class`` are kept (e.g. the spinal canal lies
+    behind the vertebral bodies); ignored when ``near_class`` is absent from the label map.
+    """
 
     min_component_mm3: float = 0.0
     keep_largest: int = 0
     fill_holes: bool = False
     closing_mm: float = 0.0
+    near_class: int = 0
+    near_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.min_component_mm3) and self.min_component_mm3 >= 0):
@@ -55,10 +62,21 @@ class ClassPostprocess:
             raise InputError(f"ClassPostprocess: keep_largest must be >= 0, got {self.keep_largest}")
         if not (np.isfinite(self.closing_mm) and 0 <= self.closing_mm <= 100):
             raise InputError(f"ClassPostprocess: closing_mm must be in 0..100 mm, got {self.closing_mm}")
+        if self.near_class < 0 or not (np.isfinite(self.near_mm) and 0 <= self.near_mm <= 200):
+            raise InputError(
+                "ClassPostprocess: near_class must be >= 0 and near_mm in 0..200 mm, "
+                f"got {self.near_class}, {self.near_mm}"
+            )
 
     @property
     def is_noop(self) -> bool:
-        return self.min_component_mm3 == 0 and self.keep_largest == 0 and not self.fill_holes and self.closing_mm == 0
+        return (
+            self.min_component_mm3 == 0
+            and self.keep_largest == 0
+            and not self.fill_holes
+            and self.closing_mm == 0
+            and not self.near_class
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _config_to_dict(self)
@@ -111,7 +129,10 @@ def default_postprocess() -> PostprocessConfig:
         {
             schema.VERTEBRAL_BODY: ClassPostprocess(min_component_mm3=500.0, fill_holes=True, closing_mm=1.0),
             schema.INTERVERTEBRAL_DISC: ClassPostprocess(min_component_mm3=200.0, fill_holes=True),
-            schema.SPINAL_CANAL: ClassPostprocess(min_component_mm3=500.0, keep_largest=1),
+            # the canal runs behind the vertebral bodies: parts far from every body are not canal
+            schema.SPINAL_CANAL: ClassPostprocess(
+                min_component_mm3=500.0, keep_largest=1, near_class=schema.VERTEBRAL_BODY, near_mm=20.0
+            ),
             schema.LESION: ClassPostprocess(min_component_mm3=20.0),
         }
     )
@@ -144,19 +165,41 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
 _FULL = np.ones((3, 3, 3), dtype=bool)
 
 
-def _filter_components(mask: np.ndarray, voxel_mm3: float, rule: ClassPostprocess) -> np.ndarray:
-    """``mask`` without components below ``min_component_mm3`` and beyond the ``keep_largest``."""
+def _filter_components(
+    mask: np.ndarray, voxel_mm3: float, rule: ClassPostprocess, near: np.ndarray | None = None
+) -> np.ndarray:
+    """``mask`` without components below ``min_component_mm3``, outside ``near`` (a bool map of the
+    allowed region, when given) and beyond the ``keep_largest``."""
     components, count = ndimage.label(mask, structure=_FULL[(slice(None),) * mask.ndim])
     if count == 0:
         return mask
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
     keep = sizes * voxel_mm3 >= rule.min_component_mm3
+    if near is not None:
+        keep &= np.bincount(components[near].ravel(), minlength=count + 1)[1:] > 0
     if rule.keep_largest > 0 and keep.sum() > rule.keep_largest:
         order = np.argsort(-sizes, kind="stable")
         kept = order[keep[order]][: rule.keep_largest]
         keep = np.zeros_like(keep)
         keep[kept] = True
     return np.concatenate([[False], keep])[components]
+
+
+def _near_region(reference: np.ndarray, spacing: tuple[float, ...], distance_mm: float) -> np.ndarray:
+    """Bool map of voxels within about ``distance_mm`` of ``reference`` (a coarse grid keeps it cheap).
+
+    The distance is measured on a grid of cells of about a quarter of ``distance_mm``; a cell's
+    diagonal is added so nothing truly within ``distance_mm`` is ever left out.
+    """
+    steps = [max(1, int(distance_mm / 4 / s)) for s in spacing]
+    shape = [-(-n // k) for n, k in zip(reference.shape, steps)]
+    padded = np.zeros([n * k for n, k in zip(shape, steps)], dtype=bool)
+    padded[tuple(slice(0, n) for n in reference.shape)] = reference
+    cells = padded.reshape(shape[0], steps[0], shape[1], steps[1], shape[2], steps[2]).any(axis=(1, 3, 5))
+    cell_mm = [k * s for k, s in zip(steps, spacing)]
+    distance = ndimage.distance_transform_edt(~cells, sampling=cell_mm)
+    near_cells = distance <= distance_mm + float(np.linalg.norm(cell_mm))
+    return near_cells[np.ix_(*(np.arange(n) // k for n, k in zip(reference.shape, steps)))]
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -177,10 +220,16 @@ def _process_class(out: np.ndarray, value: int, spacing: tuple[float, ...], rule
     box = _bbox(out == value)
     if box is None:
         return
-    if rule.min_component_mm3 > 0 or rule.keep_largest > 0:
+    near = None
+    if rule.near_class and rule.near_mm >= 0 and rule.near_class != value:
+        reference = out == rule.near_class
+        if reference.any():  # whole map: the reference class may be anywhere
+            near = _near_region(reference, spacing, rule.near_mm)
+            box = tuple(slice(0, n) for n in out.shape)
+    if rule.min_component_mm3 > 0 or rule.keep_largest > 0 or near is not None:
         crop = out[box]  # a view: edits write through to `out`
         mask = crop == value
-        kept = _filter_components(mask, float(np.prod(spacing)), rule)
+        kept = _filter_components(mask, float(np.prod(spacing)), rule, near)
         crop[mask & ~kept] = 0
         box = _bbox(out == value)  # the kept components' (usually much smaller) box
         if box is None:
