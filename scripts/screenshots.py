@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if finetune.class_table.item(row, 0).text() == "5":
             finetune.class_table.item(row, 1).setText("hemangioma")
     finetune.steps_box.setValue(args.finetune_steps)
-    finetune.lr_box.setValue(1e-3)
+    finetune.lr_box.setValue(1e-4)  # the widget default (the decoder learns 10x faster)
     finetune.start(sync=True)
     name = f"{Path(model).stem}-hemangioma"
     finetune.name_edit.setText(name)
