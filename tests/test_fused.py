@@ -12,18 +12,9 @@ from napari_spineseg.models import architecture_names, build_model
 from napari_spineseg.models.fused import FusedConv2d, fuse_for_inference, fused_kernel_available
 from napari_spineseg.phantom import sample_study
 from napari_spineseg.volume import Volume
+from test_architectures import SMALL  # the same tiny widths as the registry tests
 
 torch.set_num_threads(2)
-
-SMALL = {
-    "unet": {"base": 4, "depth": 3},
-    "unet-leaky": {"base": 4, "depth": 3},
-    "attention-unet": {"base": 4, "depth": 3},
-    "resunet": {"base": 4, "depth": 3},
-    "vgg19-unet": {"width": 1 / 16},
-    "fcn-resnet50": {"width": 1 / 16},
-    "penn": {"hidden": (16, 12, 8)},
-}
 
 
 def _trained_statistics(model: nn.Module) -> nn.Module:
