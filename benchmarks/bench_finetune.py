@@ -57,6 +57,7 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "napari
 FIXED = ["VB3-01", "IVD-11"]  # held out of the default recipe's training and of the bootstrap base
 REFERENCES = ["VB3-06", "IVD-20"]  # replayed against forgetting (training cases of both)
 LESION_CASES = ["VB3-02", "VB3-04", "VB3-05"]
+CORD = 5  # the cervical experiment's new label value ("spinal cord"; not in the schema)
 BOOTSTRAP_HELD_OUT = {"VB3-01", "VB3-02", "VB3-04", "VB3-05", "IVD-11"}
 CONFIG_KEYS = (  # the forgetting-related settings recorded with every row
     "val_every",
@@ -203,6 +204,48 @@ def unseen_study(args, base, base_path, fixed, references, config) -> tuple[list
     return rows + forgetting_rows(name, result), stamps
 
 
+def unseen_kind(args, base, base_path, fixed, references, config) -> list[dict]:
+    """A study of a kind the base never saw: the cervical T2 study (other anatomy, site, sequence,
+    PSR storage), on which the base finds nothing.  The annotator paints the spinal cord as a new
+    class on three axial slices (at the quartiles of the cord's superior-inferior extent); cord
+    Dice is measured on every other axial slice of the cord."""
+    from napari_spineseg.io import read_volume
+
+    folder = Path(args.data).parent / "spinal-cord-t2"
+    image = read_volume(folder / "t2.nii.gz")
+    cord = read_volume(folder / "t2_seg-manual.nii.gz").array > 0
+    prediction = predict(base, image)
+    axis = plane_array_axis(image.geometry, Plane.AXIAL)
+    others = tuple(a for a in range(3) if a != axis)
+    with_cord = np.flatnonzero(cord.any(axis=others))
+    chosen = [int(with_cord[len(with_cord) * q // 4]) for q in (1, 2, 3)]
+    corrected = prediction.copy()
+    for index in chosen:
+        sl = take(axis, index)
+        corrected[sl][cord[sl]] = CORD
+    pair = CorrectionPair(
+        image, image.with_array(corrected), image.with_array(prediction), known_classes={CORD}, name="cervical-t2"
+    )
+    cord_config = dataclasses.replace(config, class_names={CORD: "spinal cord"})
+    result, _ = run(
+        finetune(base_path, [pair], cord_config, reference_cases=references, fixed_validation=fixed), "cervical"
+    )
+    after_prediction = predict(LoadedModel(result.network, result.metadata), image)
+    keep = np.zeros(cord.shape, dtype=bool)
+    keep[take(axis, slice(int(with_cord[0]), int(with_cord[-1]) + 1))] = True
+    for index in chosen:
+        keep[take(axis, index)] = False
+    before = dice_score((prediction == CORD) & keep, cord & keep)
+    after = dice_score((after_prediction == CORD) & keep, cord & keep)
+    name = "unseen kind: cervical T2"
+    note = (
+        f"spinal cord painted as new class {CORD} on axial slices {chosen}; Dice on the other "
+        f"{len(with_cord) - len(chosen)} axial slices of the cord"
+    )
+    rows = [row(name, "spinal cord Dice, other slices", before, after, ">= +5 points", note)]
+    return rows + forgetting_rows(name, result)
+
+
 def simulated_lesions(args, base, base_path, fixed, references, config) -> list[dict]:
     trained = set(base.metadata.training.get("train_cases") or [])
     candidates = [c for c in LESION_CASES if c not in trained and c not in FIXED] or LESION_CASES
@@ -279,6 +322,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="20 steps, for a smoke run")
     parser.add_argument("--skip-lesion", action="store_true", help="skip the simulated-lesion experiment")
     parser.add_argument("--only-lesion", action="store_true", help="only the simulated-lesion experiment")
+    parser.add_argument("--skip-cervical", action="store_true", help="skip the cervical (unseen kind) experiment")
+    parser.add_argument("--only-cervical", action="store_true", help="only the cervical (unseen kind) experiment")
     parser.add_argument("--replay-fraction", type=float, default=defaults.replay_fraction)
     parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight)
     parser.add_argument("--val-every", type=int, default=defaults.val_every, help="steps between evaluations")
@@ -318,6 +363,8 @@ def main() -> int:
     )
 
     rows, stamps = [], []
+    if args.only_cervical:
+        args.only_lesion = args.skip_lesion = True
     if not args.only_lesion:
         rows, stamps = unseen_study(args, base, base_path, fixed, references, config)
     per_step = float(np.median(np.diff(stamps))) if len(stamps) > 2 else float("nan")
@@ -330,6 +377,8 @@ def main() -> int:
         row("speed", "fine-tune steps/s", None, 1.0 / per_step, ">= 1.33 (200 steps <= 2.5 min)", speed_note),
         row("speed", "seconds for 200 steps", None, 200 * per_step, "<= 150", speed_note),
     ]
+    if args.only_cervical or not (args.skip_cervical or args.only_lesion):
+        rows += unseen_kind(args, base, base_path, fixed, references, config)
     if not args.skip_lesion:
         rows += simulated_lesions(args, base, base_path, fixed, references, config)
     rows = rows if args.only_lesion else speed + rows
@@ -354,7 +403,16 @@ def main() -> int:
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = (
-        Path(args.output) if args.output else RESULTS / ("finetune-lesion.csv" if args.only_lesion else "finetune.csv")
+        Path(args.output)
+        if args.output
+        else RESULTS
+        / (
+            "finetune-cervical.csv"
+            if args.only_cervical
+            else "finetune-lesion.csv"
+            if args.only_lesion
+            else "finetune.csv"
+        )
     )
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

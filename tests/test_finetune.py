@@ -252,6 +252,32 @@ def test_unreviewed_slices_are_ignore_in_the_targets(study: TrainingCase) -> Non
         assert len(columns) == len(PAINTED) and np.ptp(columns) == len(PAINTED) - 1
 
 
+def test_new_class_slices_of_every_plane_are_sampled_at_full_priority(study: TrainingCase) -> None:
+    """A lesion painted on sagittal slices shows in the axial/coronal planes only on thinly covered
+    slices; those still weigh as much as a reviewed slice (else the fused planes outvote it)."""
+    labels = painted_labels(study)
+    pair = CorrectionPair(study.image, study.labels.with_array(labels), prediction=study.labels)
+    targets = correction_targets(pair)
+    case = TrainingCase(study.image, study.labels.with_array(targets.labels), {1, 2, 3, 4}, "p", "c", "p")
+    common = {
+        "planes": ["axial", "coronal", "sagittal"],
+        "context_slices": 1,
+        "num_classes": 5,
+        "preprocess": PREPROCESS,
+    }
+    plain = build_finetune_dataset([case], [targets.changed], config=fast_config(), **common)
+    grown = build_finetune_dataset([case], [targets.changed], config=fast_config(), new_class_indices=[4], **common)
+    index = grown.corrections.index
+    sagittal = grown.corrections.planes.index(Plane.SAGITTAL)
+    holds_lesion = np.array([(grown.corrections.raw_sample(i)[1] == 4).any() for i in range(len(index))])
+    crossing = holds_lesion & (index[:, 1] != sagittal)
+    assert crossing.any() and not plain.new_class.any() and np.array_equal(grown.new_class, holds_lesion)
+    reviewed = plain.sample_weights()[index[:, 1] == sagittal].max()
+    assert plain.sample_weights()[crossing].max() < 0.2 * reviewed  # thin coverage: rarely drawn ...
+    grown_reviewed = grown.sample_weights()[index[:, 1] == sagittal].max()
+    assert grown.sample_weights()[crossing] == pytest.approx(grown_reviewed)  # ... unless it holds the new class
+
+
 def test_changed_slices_are_sampled_more(study: TrainingCase) -> None:
     labels = painted_labels(study, slices=[7])
     reviewed = {"sagittal": [3, 5, 7, 9, 11]}

@@ -601,8 +601,11 @@ class FinetuneDataset:
     ``changed_priority`` when it holds changed voxels (else 1), times its number of trusted
     pixels relative to the fullest slice (at least ``min_coverage``): a slice
     of another plane crossing three reviewed slices holds only three lines of targets and should
-    not crowd out the reviewed slices themselves.  Samples carry ``"replay"`` (bool) for the
-    forgetting guard.
+    not crowd out the reviewed slices themselves.  A slice holding voxels of a new class
+    (``new_class`` flags) weighs ``changed_priority`` whatever its coverage: a lesion painted on
+    sagittal slices is seen in the axial and coronal planes only through such thinly covered
+    slices, and a class the model meets in one plane only is outvoted when the planes are fused.
+    Samples carry ``"replay"`` (bool) for the forgetting guard.
     """
 
     def __init__(
@@ -614,6 +617,7 @@ class FinetuneDataset:
         changed_priority: float = 4.0,
         coverage: np.ndarray | None = None,
         min_coverage: float = 0.02,
+        new_class: np.ndarray | None = None,
     ) -> None:
         self.corrections = corrections
         self.replay = replay
@@ -622,6 +626,7 @@ class FinetuneDataset:
             raise ValueError("one changed flag per correction sample")
         self.coverage = np.ones(len(self.changed)) if coverage is None else np.asarray(coverage, dtype=float)
         self.min_coverage = float(min_coverage)
+        self.new_class = np.zeros(len(self.changed), bool) if new_class is None else np.asarray(new_class, bool)
         self.replay_fraction = float(replay_fraction) if replay is not None and len(replay) else 0.0
         self.changed_priority = float(changed_priority)
 
@@ -643,7 +648,8 @@ class FinetuneDataset:
 
     def sample_weights(self) -> np.ndarray:
         relative = self.coverage / max(float(self.coverage.max()), 1e-12)
-        weights = np.where(self.changed, self.changed_priority, 1.0) * np.maximum(relative, self.min_coverage)
+        relative = np.where(self.new_class, 1.0, np.maximum(relative, self.min_coverage))
+        weights = np.where(self.changed | self.new_class, self.changed_priority, 1.0) * relative
         weights = weights / weights.sum() * (1.0 - self.replay_fraction)
         if self.replay is not None and len(self.replay):
             replay = np.asarray(self.replay.sample_weights(), dtype=float)
@@ -687,11 +693,13 @@ def build_finetune_dataset(
     num_classes: int,
     preprocess: PreprocessConfig,
     config: FinetuneConfig,
+    new_class_indices: Sequence[int] = (),
 ) -> FinetuneDataset:
     """The training samples of a fine-tuning run.
 
     ``corrections`` and ``replay`` hold class *indices* (IGNORE where untrusted); ``changed``
-    is one boolean mask per correction case (study array order) marking the changed voxels.
+    is one boolean mask per correction case (study array order) marking the changed voxels;
+    slices holding ``new_class_indices`` are sampled at full priority in every plane.
     """
     from .datasets import SliceDataset
 
@@ -705,7 +713,12 @@ def build_finetune_dataset(
         crop_size=config.crop_size,
         seed=config.seed,
     )
-    flags = _changed_flags(slices, changed, [c.labels.geometry for c in corrections])
+    geometries = [c.labels.geometry for c in corrections]
+    flags = _changed_flags(slices, changed, geometries)
+    new_flags = None
+    if len(new_class_indices):
+        new_masks = [np.isin(c.labels.array, list(new_class_indices)) for c in corrections]
+        new_flags = _changed_flags(slices, new_masks, geometries)
     replay_slices = None
     if replay and config.replay_fraction > 0:
         replay_slices = SliceDataset(
@@ -721,7 +734,13 @@ def build_finetune_dataset(
             seed=config.seed + 1,
         )
     return FinetuneDataset(
-        slices, flags, replay_slices, config.replay_fraction, config.changed_priority, coverage=_coverage(slices)
+        slices,
+        flags,
+        replay_slices,
+        config.replay_fraction,
+        config.changed_priority,
+        coverage=_coverage(slices),
+        new_class=new_flags,
     )
 
 
@@ -856,9 +875,12 @@ def _probe_new_rows(
     features_by_class: dict[int, list] = {}
     negatives: list = []
     try:
-        for pair, target in zip(pairs, targets):
-            plane = Plane(target.edit_plane or "sagittal")
-            study = prepare_study(pair.image, preprocess)
+        studies: dict[int, Any] = {}
+        for pair, target, plane in _probe_views(pairs, targets, config.planes):
+            if id(pair) not in studies:
+                studies.clear()  # one prepared study at a time
+                studies[id(pair)] = prepare_study(pair.image, preprocess)
+            study = studies[id(pair)]
             labels = plane_view(study.reorientation.forward(target.labels), plane)
             stack = plane_view(study.image, plane)
             index = lut[labels]  # class index per voxel (IGNORE: not trusted)
@@ -906,6 +928,18 @@ def _probe_new_rows(
                 bias[new_index] = bias[parent] + float(offset)
         fitted[int(new_index)] = round(accuracy, 4)
     return fitted
+
+
+def _probe_views(pairs, targets, planes: Sequence[str]):
+    """``(pair, target, plane)`` for every correction pair and every plane the model runs in.
+
+    The three planes' predictions are averaged at inference, so a row fitted to one plane's
+    features alone is outvoted by the other two (the painted hemangioma of the sample study stayed
+    at Dice 0): the probe sees the painted voxels through every plane.
+    """
+    for pair, target in zip(pairs, targets):
+        for plane in planes or [target.edit_plane or "sagittal"]:
+            yield pair, target, Plane(plane)
 
 
 def _balanced_logistic(positive, negative, max_false_positive: float = 0.005) -> tuple[Any, float, float]:
@@ -1510,6 +1544,7 @@ def finetune(
         num_classes=len(classes),
         preprocess=preprocess,
         config=config,
+        new_class_indices=range(len(base_meta.classes), len(classes)),
     )
 
     # Train ---------------------------------------------------------------------------------------
