@@ -20,7 +20,11 @@ Base model: ``--base`` if given, else the bundled ``spineseg-default`` when it e
    the vertebral-body Dice is
    measured on all *other* labelled slices.  Target: ≥ +5 points.  Forgetting: per-class Dice on
    the fixed validation set before/after.  Target: ≤ 1 point loss.
-3. **Simulated lesions** (no labelled lesion MRI exists): two hemangioma-like lesions are planted
+3. **Unseen kind**: the cervical T2 study (``spinal-cord-t2``: other anatomy, site, sequence and
+   storage orientation; the base finds nothing there).  The spinal cord is painted as a new class
+   on three axial slices; cord Dice on every other axial slice of the cord (``--only-cervical``
+   writes ``finetune-cervical.csv``).
+4. **Simulated lesions** (no labelled lesion MRI exists): two hemangioma-like lesions are planted
    in vertebral bodies of a real case (:mod:`napari_spineseg.lesion_sim`); label 4 is painted on
    three sagittal slices through the first one only; after fine-tuning, lesion Dice is measured on
    every other slice (and on the second, never painted lesion alone).
