@@ -170,6 +170,7 @@ class FinetuneConfig:
     mixed_precision: str = "auto"  # auto | off | bf16 | fp16
     val_every: int = 50  # steps between evaluations on the fixed set and the corrected studies
     changed_priority: float = 4.0  # sampling weight of slices with changed voxels (others: 1)
+    min_coverage: float = 0.02  # ... times the slice's trusted share of the fullest slice, at least this
     edit_plane: str = "auto"  # plane the corrections were drawn in ("auto": detected)
     crop_size: int | None = 256
     augment: AugmentConfig | None = field(default_factory=_light_augment)
@@ -216,6 +217,8 @@ class FinetuneConfig:
             raise InputError(f"unknown schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
         if not float(self.changed_priority) >= 1.0:
             raise InputError(f"changed_priority must be at least 1, got {self.changed_priority}")
+        if not 0.0 < float(self.min_coverage) <= 1.0:
+            raise InputError(f"min_coverage must be in (0, 1], got {self.min_coverage}")
         for name in (
             "distill_weight",
             "new_class_distill_weight",
@@ -740,6 +743,7 @@ def build_finetune_dataset(
         config.replay_fraction,
         config.changed_priority,
         coverage=_coverage(slices),
+        min_coverage=config.min_coverage,
         new_class=new_flags,
     )
 
