@@ -111,17 +111,40 @@ def prepare_case(
     return PreparedCase(case, prepared, labels, stacks, case.known_mask(num_classes))
 
 
+def pad_to_size(
+    image: np.ndarray, target: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Pad ``image`` [C, H, W] (0) and ``target`` [H, W] (IGNORE) at random sides to at least
+    ``size``×``size``; returns them and the (top, left) offset of the original pixels."""
+    _, h, w = image.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if not (ph or pw):
+        return image, target, (0, 0)
+    top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
+    image = np.pad(image, ((0, 0), (top, ph - top), (left, pw - left)))
+    target = np.pad(target, ((top, ph - top), (left, pw - left)), constant_values=IGNORE)
+    return image, target, (top, left)
+
+
+def window_origin(
+    shape: tuple[int, int], size: int, rng: np.random.Generator, centre: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Top-left corner of a random ``size``² window in ``shape``; with ``centre``, the window holds
+    it inside its middle half."""
+    h, w = shape
+    if centre is None:
+        return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    r0 = int(np.clip(centre[0] - rng.integers(size // 4, 3 * size // 4 + 1), 0, h - size))
+    c0 = int(np.clip(centre[1] - rng.integers(size // 4, 3 * size // 4 + 1), 0, w - size))
+    return r0, c0
+
+
 def _crop_or_pad(
     image: np.ndarray, target: np.ndarray, size: int, rng: np.random.Generator, foreground_prob: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random ``size``×``size`` window (padding with 0 / IGNORE), often centred near foreground."""
-    _, h, w = image.shape
-    ph, pw = max(0, size - h), max(0, size - w)
-    if ph or pw:
-        top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
-        image = np.pad(image, ((0, 0), (top, ph - top), (left, pw - left)))
-        target = np.pad(target, ((top, ph - top), (left, pw - left)), constant_values=IGNORE)
-        h, w = target.shape
+    image, target, _ = pad_to_size(image, target, size, rng)
+    h, w = target.shape
     r0 = c0 = 0
     if h > size or w > size:
         fg = None
@@ -130,11 +153,7 @@ def _crop_or_pad(
             if rows.size:
                 pick = int(rng.integers(rows.size))
                 fg = (int(rows[pick]), int(cols[pick]))
-        if fg is not None:
-            r0 = int(np.clip(fg[0] - rng.integers(size // 4, 3 * size // 4 + 1), 0, h - size))
-            c0 = int(np.clip(fg[1] - rng.integers(size // 4, 3 * size // 4 + 1), 0, w - size))
-        else:
-            r0, c0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        r0, c0 = window_origin((h, w), size, rng, fg)
     return (
         np.ascontiguousarray(image[:, r0 : r0 + size, c0 : c0 + size]),
         np.ascontiguousarray(target[r0 : r0 + size, c0 : c0 + size]),

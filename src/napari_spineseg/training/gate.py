@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from ..augment import IGNORE, AugmentConfig, augment_pair
+from ..augment import AugmentConfig, augment_pair
 from ..errors import InputError
 from ..gate import SIMULATED_NOTE, GateRecord, LesionGate
 from ..orientation import Plane
@@ -55,7 +55,7 @@ from ..preprocess import PreprocessConfig
 from ..schema import LESION, VERTEBRAL_BODY
 from ..slicing import canonical_labels, prepare_study, slice_batch
 from .data import TrainingCase
-from .datasets import prepare_plane_stack
+from .datasets import pad_to_size, prepare_plane_stack, window_origin
 
 __all__ = [
     "GateConfig",
@@ -333,20 +333,10 @@ def _crop(
     image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator, centre: tuple[int, int] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A ``size``² window (padding 0 / IGNORE), with ``centre`` inside its middle half when given."""
-    _, h, w = image.shape
-    ph, pw = max(0, size - h), max(0, size - w)
-    if ph or pw:
-        top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
-        image = np.pad(image, ((0, 0), (top, ph - top), (left, pw - left)))
-        labels = np.pad(labels, ((top, ph - top), (left, pw - left)), constant_values=IGNORE)
-        if centre is not None:
-            centre = (centre[0] + top, centre[1] + left)
-        h, w = labels.shape
+    image, labels, (top, left) = pad_to_size(image, labels, size, rng)
     if centre is not None:
-        r0 = int(np.clip(centre[0] - rng.integers(size // 4, 3 * size // 4 + 1), 0, h - size))
-        c0 = int(np.clip(centre[1] - rng.integers(size // 4, 3 * size // 4 + 1), 0, w - size))
-    else:
-        r0, c0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        centre = (centre[0] + top, centre[1] + left)
+    r0, c0 = window_origin(labels.shape, size, rng, centre)
     return image[:, r0 : r0 + size, c0 : c0 + size], labels[r0 : r0 + size, c0 : c0 + size]
 
 
