@@ -18,6 +18,7 @@ BENCHMARKS = [
     "bench_fuzz.py",
     "bench_faults.py",
     "bench_gate.py",
+    "bench_responsiveness.py",
 ]
 
 

@@ -27,6 +27,7 @@ class TrainingChart(QWidget):
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
         self.min_interval = float(min_interval)
         self.figure = Figure(figsize=(4.0, 3.2), dpi=90, facecolor=_BACKGROUND)
@@ -42,6 +43,13 @@ class TrainingChart(QWidget):
             for spine in axes.spines.values():
                 spine.set_color(_FOREGROUND)
         self.loss_axes.set_yscale("log")
+        # Few ticks, plain labels: every tick is a set of artists built on the first drawing (no
+        # log-scale minor ticks, no mathtext "10^-1"), which is what that drawing costs.
+        self.loss_axes.yaxis.set_major_locator(FixedLocator([0.01, 0.1, 1.0, 10.0]))
+        self.loss_axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        self.loss_axes.yaxis.set_minor_locator(NullLocator())
+        self.dice_axes.yaxis.set_major_locator(FixedLocator([0.0, 0.5, 1.0]))
+        self.dice_axes.xaxis.set_major_locator(MaxNLocator(4, integer=True))
         self.dice_axes.set_xlabel("step", color=_FOREGROUND, fontsize=8)
         (self._loss_line,) = self.loss_axes.plot([], [], color="#ffa726", linewidth=1, animated=True)
         self._background: Any = None
