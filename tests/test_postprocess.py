@@ -155,6 +155,12 @@ def test_canal_far_from_every_vertebral_body_is_removed_even_when_largest() -> N
     out = postprocess_labels(labels, (1.0, 1.0, 1.0), PostprocessConfig({3: rule}))
     assert (out[25:35, 42:50, 35:45] == 3).all()
     assert not (out[0:10, 0:10, 0:20] == 3).any()
+    # a large false region that grazes the body (most of it far away) goes too
+    grazing = labels.copy()
+    grazing[0:10, 0:10, 0:20] = 0
+    grazing[20:60, 0:28, 35:80] = 3  # 50 400 voxels; the part within 20 mm of the body is a minority
+    out = postprocess_labels(grazing, (1.0, 1.0, 1.0), PostprocessConfig({3: rule}))
+    assert (out[25:35, 42:50, 35:45] == 3).all() and not (out[20:60, 0:28, 35:80] == 3).any()
     # without the prior the bigger, false component wins
     plain = postprocess_labels(labels, (1.0, 1.0, 1.0), PostprocessConfig({3: ClassPostprocess(keep_largest=1)}))
     assert (plain[0:10, 0:10, 0:20] == 3).all() and not (plain[25:35, 42:50, 35:45] == 3).any()

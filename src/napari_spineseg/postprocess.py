@@ -44,8 +44,9 @@ class ClassPostprocess:
     3-D hole filling and closing radius (mm).
 
     ``near_class``/``near_mm``: an anatomical prior applied before keep-largest: only components
-    that come within ``near_mm`` mm of class ``near_class`` are kept (e.g. the spinal canal lies
-    behind the vertebral bodies); ignored when ``near_class`` is absent from the label map.
+    lying mostly (at least half of their voxels) within ``near_mm`` mm of class ``near_class``
+    are kept (e.g. the spinal canal lies behind the vertebral bodies; a large false region that
+    merely grazes a body is not); ignored when ``near_class`` is absent from the label map.
     """
 
     min_component_mm3: float = 0.0
@@ -176,7 +177,7 @@ def _filter_components(
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
     keep = sizes * voxel_mm3 >= rule.min_component_mm3
     if near is not None:
-        keep &= np.bincount(components[near].ravel(), minlength=count + 1)[1:] > 0
+        keep &= 2 * np.bincount(components[near].ravel(), minlength=count + 1)[1:] >= sizes
     if rule.keep_largest > 0 and keep.sum() > rule.keep_largest:
         order = np.argsort(-sizes, kind="stable")
         kept = order[keep[order]][: rule.keep_largest]
