@@ -585,8 +585,11 @@ def _distributed_results(
                 for future in sorted(finished, key=index_of.__getitem__):
                     yield _task_result(future, study_of[future])
         finally:
-            if pending:
-                client.cancel(list(pending))
+            # Cancel every task, not just the pending ones: that also forgets the finished ones (their
+            # results were taken), so the scheduler holds nothing of this run afterwards (newer
+            # distributed releases a finished key only when asked).
+            client.cancel(futures)
+            del futures, study_of, index_of, pending
 
 
 def _task_result(future: Any, study: Study) -> StudyResult:
