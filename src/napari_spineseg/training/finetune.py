@@ -879,40 +879,40 @@ def _probe_new_rows(
     features_by_class: dict[int, list] = {}
     negatives: list = []
     try:
-        studies: dict[int, Any] = {}
-        for pair, target, plane in _probe_views(pairs, targets, config.planes):
-            if id(pair) not in studies:
-                studies.clear()  # one prepared study at a time
-                studies[id(pair)] = prepare_study(pair.image, preprocess)
-            study = studies[id(pair)]
-            labels = plane_view(study.reorientation.forward(target.labels), plane)
-            stack = plane_view(study.image, plane)
-            index = lut[labels]  # class index per voxel (IGNORE: not trusted)
-            wanted = [i for i in parents if (index == i).any()]
-            if not wanted:
-                continue
-            slices = np.flatnonzero(np.isin(index, wanted).any(axis=(1, 2)))[:16]
-            batch = slice_batch(stack, slices, base_meta.context_slices)
-            spacing = plane_pixel_spacing(study.spacing_zyx, plane)
-            height, width = batch.shape[-2:]
-            if preprocess.pixel_spacing_mm is not None:
-                model_spacing = (preprocess.pixel_spacing_mm, preprocess.pixel_spacing_mm)
-                batch = resample_slices(batch, spacing, model_spacing, order=1)
-            captured.clear()
-            with torch.inference_mode():
-                network.eval()(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
-            features = captured[0].numpy()
-            if features.shape[-2:] != (height, width):
-                features = resample_back(features, (height, width), order=1)
-            features = np.moveaxis(features, 1, -1)  # [B, H, W, F]
-            sliced = index[slices]
-            for i in wanted:
-                features_by_class.setdefault(i, []).append(features[sliced == i])
-            others = (sliced != IGNORE) & ~np.isin(sliced, wanted)
-            rows = np.flatnonzero(others.ravel())
-            rng = np.random.default_rng(0)
-            take = rng.choice(rows, size=min(len(rows), 20_000), replace=False) if len(rows) else rows
-            negatives.append(features.reshape(-1, features.shape[-1])[take])
+        # Every plane the model runs in: the planes' predictions are averaged at inference, so a
+        # row fitted to one plane's features alone is outvoted by the other two.
+        for pair, target in zip(pairs, targets):
+            study = prepare_study(pair.image, preprocess)
+            canonical = study.reorientation.forward(target.labels)
+            for plane in [Plane(p) for p in config.planes]:
+                labels = plane_view(canonical, plane)
+                stack = plane_view(study.image, plane)
+                index = lut[labels]  # class index per voxel (IGNORE: not trusted)
+                wanted = [i for i in parents if (index == i).any()]
+                if not wanted:
+                    continue
+                slices = np.flatnonzero(np.isin(index, wanted).any(axis=(1, 2)))[:16]
+                batch = slice_batch(stack, slices, base_meta.context_slices)
+                spacing = plane_pixel_spacing(study.spacing_zyx, plane)
+                height, width = batch.shape[-2:]
+                if preprocess.pixel_spacing_mm is not None:
+                    model_spacing = (preprocess.pixel_spacing_mm, preprocess.pixel_spacing_mm)
+                    batch = resample_slices(batch, spacing, model_spacing, order=1)
+                captured.clear()
+                with torch.inference_mode():
+                    network.eval()(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+                features = captured[0].numpy()
+                if features.shape[-2:] != (height, width):
+                    features = resample_back(features, (height, width), order=1)
+                features = np.moveaxis(features, 1, -1)  # [B, H, W, F]
+                sliced = index[slices]
+                for i in wanted:
+                    features_by_class.setdefault(i, []).append(features[sliced == i])
+                others = (sliced != IGNORE) & ~np.isin(sliced, wanted)
+                rows = np.flatnonzero(others.ravel())
+                rng = np.random.default_rng(0)
+                take = rng.choice(rows, size=min(len(rows), 20_000), replace=False) if len(rows) else rows
+                negatives.append(features.reshape(-1, features.shape[-1])[take])
     finally:
         hook.remove()
     if not negatives or not features_by_class:
@@ -932,18 +932,6 @@ def _probe_new_rows(
                 bias[new_index] = bias[parent] + float(offset)
         fitted[int(new_index)] = round(accuracy, 4)
     return fitted
-
-
-def _probe_views(pairs, targets, planes: Sequence[str]):
-    """``(pair, target, plane)`` for every correction pair and every plane the model runs in.
-
-    The three planes' predictions are averaged at inference, so a row fitted to one plane's
-    features alone is outvoted by the other two (the painted hemangioma of the sample study stayed
-    at Dice 0): the probe sees the painted voxels through every plane.
-    """
-    for pair, target in zip(pairs, targets):
-        for plane in planes or [target.edit_plane or "sagittal"]:
-            yield pair, target, Plane(plane)
 
 
 def _balanced_logistic(positive, negative, max_false_positive: float = 0.005) -> tuple[Any, float, float]:
