@@ -145,3 +145,15 @@ def test_config_round_trip_and_validation() -> None:
         AugmentConfig(flip_prob=1.5)
     with pytest.raises(InputError):
         AugmentConfig(scale_range=(1.2, 0.8))
+
+
+def test_left_right_mirror_keeps_superior_inferior_and_anterior_posterior():
+    from napari_spineseg.augment import mirror_left_right
+
+    image = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    target = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    cols_image, cols_target = mirror_left_right(image, target, "columns")
+    assert np.array_equal(cols_image[:, :, 0], image[:, :, -1]) and np.array_equal(cols_image[:, 0], image[:, 0, ::-1])
+    assert np.array_equal(cols_target, target[:, ::-1])
+    chan_image, chan_target = mirror_left_right(image, target, "channels")
+    assert np.array_equal(chan_image[0], image[2]) and np.array_equal(chan_target, target)

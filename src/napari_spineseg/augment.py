@@ -22,7 +22,7 @@ from scipy import ndimage
 from .errors import InputError
 from .preprocess import _config_from_dict, _config_to_dict
 
-__all__ = ["IGNORE", "AugmentConfig", "augment_pair"]
+__all__ = ["IGNORE", "AugmentConfig", "augment_pair", "mirror_left_right"]
 
 IGNORE = 255
 """Label value of pixels without ground truth (here: pixels moved in from outside the slice)."""
@@ -33,6 +33,9 @@ class AugmentConfig:
     """Augmentation settings.  Probabilities are per sample.
 
     * ``flip_prob``: horizontal and vertical flips, each with this probability.
+    * ``lr_flip_prob``: a mirror across the patient's left-right axis (lumbar anatomy is nearly
+      symmetric; superior/inferior and anterior/posterior stay put).  Applied by the slice dataset,
+      which knows the plane: columns of axial/coronal slices, slice order of sagittal ones.
     * ``rotate_prob``: probability of the affine (rotation in ±``rotate_deg`` and isotropic
       scale drawn log-uniformly from ``scale_range``; > 1 zooms in).
     * ``elastic_prob``: Simard-style elastic deformation (``alpha``/``sigma`` in pixels).
@@ -60,11 +63,20 @@ class AugmentConfig:
     noise_prob: float = 0.3
     invert_prob: float = 0.0
     bias_field: float = 0.2
+    lr_flip_prob: float = 0.0
 
     def __post_init__(self) -> None:
         self.scale_range = tuple(float(v) for v in self.scale_range)  # type: ignore[assignment]
         self.gamma_range = tuple(float(v) for v in self.gamma_range)  # type: ignore[assignment]
-        for name in ("flip_prob", "rotate_prob", "elastic_prob", "gamma_prob", "noise_prob", "invert_prob"):
+        for name in (
+            "flip_prob",
+            "rotate_prob",
+            "elastic_prob",
+            "gamma_prob",
+            "noise_prob",
+            "invert_prob",
+            "lr_flip_prob",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"AugmentConfig: {name} must be in [0, 1], got {value}")
@@ -135,6 +147,19 @@ def _bilinear_grid(coarse: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np
     top = coarse[r0][:, c0] * (1 - fc) + coarse[r0][:, c0 + 1] * fc
     bottom = coarse[r0 + 1][:, c0] * (1 - fc) + coarse[r0 + 1][:, c0 + 1] * fc
     return (top * (1 - fr) + bottom * fr).astype(np.float32)
+
+
+def mirror_left_right(image: np.ndarray, target: np.ndarray, lr_axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror a sample ``image [C, H, W]`` / ``target [H, W]`` across the patient's left-right axis.
+
+    ``lr_axis`` says where left-right lies in the sample: ``"columns"`` (axial and coronal slices
+    of the canonical orientation) or ``"channels"`` (sagittal slices: the context slices).
+    """
+    if lr_axis == "columns":
+        return np.ascontiguousarray(image[:, :, ::-1]), np.ascontiguousarray(target[:, ::-1])
+    if lr_axis == "channels":
+        return np.ascontiguousarray(image[::-1]), target
+    raise InputError(f"mirror_left_right: lr_axis must be 'columns' or 'channels', got {lr_axis!r}")
 
 
 def _check_inputs(image: np.ndarray, labels: np.ndarray) -> None:

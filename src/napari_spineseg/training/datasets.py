@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..augment import IGNORE, AugmentConfig, augment_pair
+from ..augment import IGNORE, AugmentConfig, augment_pair, mirror_left_right
 from ..errors import InputError
 from ..orientation import Plane
 from ..preprocess import PreprocessConfig, preprocess_slice, resample_slices
@@ -266,9 +266,18 @@ class SliceDataset(Dataset):
     def rng_for(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, int(i)])
 
+    def _maybe_mirror(self, i: int, image: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The left-right mirror of the augmentation (its own random stream, so the other draws stay put)."""
+        probability = self.augment.lr_flip_prob if self.augment is not None else 0.0
+        if probability <= 0 or np.random.default_rng([self.seed, self.epoch, int(i), 1]).random() >= probability:
+            return image, target
+        plane = self.planes[int(self.index[i][1])]
+        return mirror_left_right(image, target, "channels" if plane == Plane.SAGITTAL else "columns")
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image, target, known = self.raw_sample(i)
         rng = self.rng_for(i)
+        image, target = self._maybe_mirror(i, image, target)
         if self.crop_size is not None:
             image, target = _crop_or_pad(image, target, self.crop_size, rng, self.foreground_crop_prob)
         if self.augment is not None:

@@ -76,9 +76,11 @@ class Recipe:
 
 
 def _strong_augment() -> AugmentConfig:
-    # No flips: every study is sliced in canonical orientation, so orientation is a useful prior.
+    # No free flips: every study is sliced in canonical orientation, so orientation is a useful
+    # prior; only the left-right mirror, which keeps superior/inferior and anterior/posterior.
     return AugmentConfig(
         flip_prob=0.0,
+        lr_flip_prob=0.5,
         rotate_deg=15.0,
         rotate_prob=0.5,
         scale_range=(0.8, 1.2),
