@@ -178,3 +178,29 @@ def test_eight_bit_accumulator_of_large_studies(monkeypatch, fusion: FusionMode)
     agreement = float((quantised.predict(noisy).labels.array == soft_float16).mean())
     # (the default model on a real 224x224x77 study: 99.98 % of voxels equal, 99.95 % of foreground)
     assert len(np.unique(soft_float16)) > 2 and agreement >= 0.99, agreement
+
+
+@pytest.mark.parametrize("code", ["PIR", "LPS", "SAL"])
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_test_time_mirror_maps_the_mirrored_prediction_back_onto_the_study(code: str, plane: str) -> None:
+    # The identity network commutes with mirroring, so a correct mirror (and its way back) changes
+    # nothing; a wrong axis or a missing flip-back would average two different label maps.
+    volume = labelled_volume(code)
+    # One plane at a time: a fusion over three planes could outvote a wrong one.
+    plain = Predictor(SegmentationSettings([plane], postprocess=False, precision="fp32", test_time_mirror=False))
+    plain.load(identity_model(context_slices=1))
+    mirrored = Predictor(SegmentationSettings([plane], postprocess=False, precision="fp32", test_time_mirror=True))
+    mirrored.load(identity_model(context_slices=1))
+    assert mirrored.test_time_mirror and not plain.test_time_mirror
+    assert np.array_equal(mirrored.predict(volume).labels.array, plain.predict(volume).labels.array)
+
+
+def test_model_file_asks_for_the_test_time_mirror() -> None:
+    model = identity_model()
+    model.metadata.extra["inference"] = {"test_time_mirror": True}
+    predictor = Predictor(SegmentationSettings(postprocess=False))
+    predictor.load(model)
+    assert predictor.test_time_mirror
+    overridden = Predictor(SegmentationSettings(postprocess=False, test_time_mirror=False))
+    overridden.load(model)
+    assert not overridden.test_time_mirror

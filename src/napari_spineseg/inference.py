@@ -117,6 +117,9 @@ class SegmentationSettings:
     plane_weights: dict[str, float] | None = None  # overrides the model's weights for "weighted"
     fuse_layers: bool = True  # fold batch norm and fuse activations into convolutions (inference copy)
     lesion_gate: bool = True  # use the model's lesion-presence gate, if it has one (see napari_spineseg.gate)
+    # Test-time left-right mirror (averages the prediction of the study and of its mirror image:
+    # twice the network time).  None: as the model file says (``extra.inference.test_time_mirror``).
+    test_time_mirror: bool | None = None
 
     def __post_init__(self) -> None:
         self.planes = tuple(dict.fromkeys(p if isinstance(p, Plane) else Plane.parse(str(p))[0] for p in self.planes))
@@ -165,6 +168,7 @@ class Predictor:
         self.settings = settings or SegmentationSettings()
         self.model: LoadedModel | None = None
         self.lesion_gate = None  # napari_spineseg.gate.GateRunner when the model has a gate
+        self.test_time_mirror = False  # resolved from the settings and the model in load()
         self.device = resolve_device(self.settings.device)
         self.precision = resolve_precision(self.settings.precision, self.device)
 
@@ -186,6 +190,11 @@ class Predictor:
             network = network.to(device=self.device, memory_format=torch.channels_last)
         self.model = LoadedModel(network, loaded.metadata, loaded.path)
         self.lesion_gate = gate_runner(loaded, self.settings, self.device, self.precision)
+        self.test_time_mirror = (
+            model_test_time_mirror(loaded.metadata)
+            if self.settings.test_time_mirror is None
+            else bool(self.settings.test_time_mirror)
+        )
         return self.model
 
     def _require_model(self) -> LoadedModel:
@@ -345,8 +354,11 @@ class Predictor:
         if self.device != "cpu" or self.precision == "bf16":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), _autocast(self.device, self.precision):
-            logits = model.network(tensor)
-        probabilities = torch.softmax(logits, dim=1, dtype=torch.float32).cpu()
+            probabilities = torch.softmax(model.network(tensor), dim=1, dtype=torch.float32)
+            if self.test_time_mirror:
+                probabilities += _mirrored_probabilities(model.network, tensor, plane)
+                probabilities *= 0.5
+        probabilities = probabilities.cpu()
         if self.lesion_gate is not None:  # zero lesion probability on slices the gate calls lesion-free
             probabilities = torch.from_numpy(self.lesion_gate.apply(tensor, probabilities.numpy()))
         if probabilities.shape[-2:] != (height, width):
@@ -390,6 +402,27 @@ class Predictor:
                 agree = (plane_argmax[:, start : start + chunk] == fused[start : start + chunk][None]).sum(axis=0)
                 uncertainty[start : start + chunk] = 1.0 - agree / np.float32(n_planes)
         return fused, uncertainty
+
+
+def model_test_time_mirror(metadata: Any) -> bool:
+    """Whether a model asks for the test-time left-right mirror (``extra.inference.test_time_mirror``)."""
+    inference = (getattr(metadata, "extra", None) or {}).get("inference") or {}
+    return bool(inference.get("test_time_mirror", False))
+
+
+def _mirrored_probabilities(network, tensor, plane: Plane):
+    """Class probabilities of the left-right mirror image of a batch, mapped back onto the batch's pixels.
+
+    In canonical slices (:mod:`.slicing`) left-right is the column axis of axial and coronal slices
+    and the slice order of sagittal ones (the context channels); the sagittal output needs no
+    mapping back, since the mirrored slice stack is predicted at the same slice position.
+    """
+    import torch
+
+    if Plane(plane) is Plane.SAGITTAL:
+        return torch.softmax(network(torch.flip(tensor, dims=[1])), dim=1, dtype=torch.float32)
+    mirrored = torch.softmax(network(torch.flip(tensor, dims=[-1])), dim=1, dtype=torch.float32)
+    return torch.flip(mirrored, dims=[-1])
 
 
 # Pixels per batch (at the model's pixel spacing): bounds the activations of a batch, whatever

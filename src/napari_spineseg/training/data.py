@@ -153,9 +153,14 @@ def load_lumbar_dataset(
     """All cases of the lumbar-mri folder ``root`` (``<root>/<dataset>/<id>_img|_seg.nii.gz``).
 
     ``cases`` optionally restricts to case ids (``"VB3-01"``).  Labels outside the labelled S–I
-    span (grown by ``margin`` voxels) become IGNORE.
+    span (grown by ``margin`` voxels) become IGNORE.  ``root`` may also be a packed ``.npz`` of
+    cases (:mod:`.packed`, made with ``scripts/pack_training_data.py``; ``margin`` as packed).
     """
     root = Path(root).expanduser()
+    if root.suffix == ".npz" and root.is_file():
+        from .packed import load_packed_cases
+
+        return load_packed_cases(root, datasets, cases)
     if not root.is_dir():
         raise InputError(f"{root}: training data folder not found")
     wanted = None if cases is None else set(cases)
