@@ -44,6 +44,11 @@ def main() -> None:
     parser.add_argument("--stage-lr", type=float, required=True)
     parser.add_argument("--summary", type=Path, default=RESULTS / "spineseg-default_summary.json")
     parser.add_argument("--output", type=Path, default=BUNDLED)
+    parser.add_argument("--name", default=None, help="model name (default: the bundled default's)")
+    parser.add_argument(
+        "--test-time-mirror", action="store_true", help="the model asks for the test-time left-right mirror"
+    )
+    parser.add_argument("--description", default=None)
     args = parser.parse_args()
 
     trained = load_model(args.trained)
@@ -67,9 +72,14 @@ def main() -> None:
         held_out_cases=cases,
         evaluation=previous.metrics.get("evaluation", "scripts/evaluate_model.py"),
     )
+    extra = dict(trained.metadata.extra)
+    if args.test_time_mirror:
+        extra["inference"] = {**(extra.get("inference") or {}), "test_time_mirror": True}
     metadata = dataclasses.replace(
         trained.metadata,
-        name=previous.name,
+        name=args.name or previous.name,
+        description=args.description or trained.metadata.description,
+        extra=extra,
         version=str(args.version),
         postprocess=previous.postprocess,
         training=training,
