@@ -1,0 +1,210 @@
+"""Shape-based interpolation between corrected slices (Qt-free).
+
+A structure (a label value) the annotator corrected on slices ``k`` and ``k + n`` of one array
+axis fills the slices between: on each in-between slice the two slices' signed distance maps are
+blended linearly (``scipy.ndimage.distance_transform_edt``) and the structure is where the blend
+is positive.
+
+    painted = painted_slices(painted_mask, axis=0)          # slices holding annotator paint
+    change = interpolate_between_slices(labels, axis=0, slices=painted, painted=painted_mask)
+    change.apply(labels)                                     # or preview it first / apply via undo
+
+Rules (one pair of consecutive corrected slices ``a < b`` at a time, per label value):
+
+- the values interpolated are the non-zero values on slice ``a`` or ``b`` (or ``values``);
+- on each slice strictly between, an interpolated value takes the voxels inside its blended shape
+  (where two overlap, the one deepest inside wins) and loses its other voxels there (→ 0);
+- a value on one of the two slices only *shrinks to nothing* towards the other: it is taken to end
+  half-way (the empty side's distance map is minus the present side's deepest inside distance, so
+  the blend is ≤ 0 everywhere from the middle slice on);
+- a value on neither slice is left alone (a structure may lie wholly between them);
+- voxels of other values are kept unless ``overwrite_other``;
+- corrected slices and ``painted`` voxels are never changed.
+
+Distances are in voxels of the slice plane (assumes square in-plane voxels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+
+__all__ = ["LabelChange", "interpolate_between_slices", "painted_slices", "signed_distance"]
+
+#: Signed distance of a value absent from a slice: "just outside" everywhere (shrink to nothing).
+_ABSENT = -0.5
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    """A proposed edit of a label array: ``array[indices] = values`` (``previous`` is what is there now)."""
+
+    indices: tuple[np.ndarray, ...]
+    values: np.ndarray
+    previous: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Number of voxels changed."""
+        return int(self.values.size)
+
+    def apply(self, array: np.ndarray) -> None:
+        """Write the change into ``array`` in place."""
+        array[self.indices] = self.values
+
+    def revert(self, array: np.ndarray) -> None:
+        """Undo :meth:`apply` on ``array`` in place."""
+        array[self.indices] = self.previous
+
+    def without(self, keep: np.ndarray) -> LabelChange:
+        """The same change minus the voxels where boolean ``keep`` (array-shaped) is True."""
+        drop = np.asarray(keep)[self.indices]
+        if not drop.any():
+            return self
+        take = ~drop
+        return LabelChange(tuple(i[take] for i in self.indices), self.values[take], self.previous[take])
+
+
+def _check_axis(shape: tuple[int, ...], axis: int) -> int:
+    if len(shape) < 2:
+        raise InputError(f"need a label array of at least 2 dimensions, got shape {shape}")
+    if not -len(shape) <= axis < len(shape):
+        raise InputError(f"axis {axis} out of range for an array of shape {shape}")
+    return axis % len(shape)
+
+
+def painted_slices(painted: np.ndarray, axis: int) -> np.ndarray:
+    """Sorted indices of the slices along ``axis`` holding any True voxel of ``painted``."""
+    painted = np.asarray(painted, dtype=bool)
+    axis = _check_axis(painted.shape, axis)
+    other = tuple(a for a in range(painted.ndim) if a != axis)
+    return np.flatnonzero(np.any(painted, axis=other))
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Signed distance (voxels) to the mask's edge: > 0 inside, < 0 outside, ±0.5 at the border voxels."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.full(mask.shape, _ABSENT, dtype=np.float32)
+    padded = np.pad(mask, 1)  # the array edge is outside, not "more inside"
+    inside = ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
+    outside = ndimage.distance_transform_edt(~mask)
+    return np.where(mask, inside - 0.5, 0.5 - outside).astype(np.float32)
+
+
+def _box(masks: Iterable[np.ndarray], shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """Bounding box of the union of ``masks`` grown by one voxel (None when all are empty)."""
+    union = np.zeros(shape, dtype=bool)
+    for mask in masks:
+        union |= mask
+    if not union.any():
+        return None
+    box = []
+    for dim in range(union.ndim):
+        hits = np.flatnonzero(np.any(union, axis=tuple(a for a in range(union.ndim) if a != dim)))
+        box.append(slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, shape[dim])))
+    return tuple(box)
+
+
+def _pair_distances(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Signed distances of one value on both corrected slices; an empty side makes it end half-way."""
+    d0, d1 = signed_distance(first), signed_distance(last)
+    if not first.any():
+        d0[:] = -float(d1.max())
+    elif not last.any():
+        d1[:] = -float(d0.max())
+    return np.stack([d0, d1])
+
+
+def _fill_between(
+    labels: np.ndarray,
+    axis: int,
+    a: int,
+    b: int,
+    values: Sequence[int] | None,
+    overwrite_other: bool,
+) -> Iterable[tuple[int, np.ndarray]]:
+    """(slice index, new slice) for every slice strictly between corrected slices ``a`` and ``b``."""
+    first, last = np.take(labels, a, axis=axis), np.take(labels, b, axis=axis)
+    present = np.union1d(np.unique(first), np.unique(last))
+    chosen = [int(v) for v in present if v != 0 and (values is None or int(v) in values)]
+    if not chosen:
+        return
+    masks = [(first == v, last == v) for v in chosen]
+    box = _box([m for pair in masks for m in pair], first.shape)
+    distances = np.stack([_pair_distances(m0[box], m1[box]) for m0, m1 in masks])
+    chosen_array = np.asarray(chosen, dtype=labels.dtype)
+    for s in range(a + 1, b):
+        t = (s - a) / (b - a)
+        blend = (1.0 - t) * distances[:, 0] + t * distances[:, 1]  # (values, *box shape)
+        best = np.argmax(blend, axis=0)
+        inside = np.take_along_axis(blend, best[None], axis=0)[0] > 0
+        old = np.take(labels, s, axis=axis)
+        new = old.copy()
+        new[np.isin(old, chosen_array)] = 0  # interpolated values are redrawn from scratch
+        region = new[box]
+        claim = inside if overwrite_other else inside & (region == 0)  # other structures are kept
+        region[claim] = chosen_array[best[claim]]
+        yield s, new
+
+
+def interpolate_between_slices(
+    labels: np.ndarray,
+    axis: int,
+    slices: Sequence[int] | np.ndarray | None = None,
+    painted: np.ndarray | None = None,
+    values: Iterable[int] | None = None,
+    overwrite_other: bool = False,
+) -> LabelChange:
+    """The change that fills the slices between consecutive corrected slices along ``axis``.
+
+    ``slices``: the corrected slice indices; default: the slices holding any ``painted`` voxel.
+    ``painted``: boolean mask (``labels``' shape) of voxels the annotator painted; never changed.
+    ``values``: restrict to these label values (default: every value on the corrected slices).
+    ``labels`` itself is not modified.
+    """
+    labels = np.asarray(labels)
+    axis = _check_axis(labels.shape, axis)
+    if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
+        raise InputError(f"labels must hold integers, got dtype {labels.dtype}")
+    if painted is not None:
+        painted = np.asarray(painted, dtype=bool)
+        if painted.shape != labels.shape:
+            raise InputError(f"painted mask shape {painted.shape} differs from the labels' {labels.shape}")
+    if slices is None:
+        if painted is None:
+            raise InputError("give the corrected slices or a mask of the painted voxels")
+        slices = painted_slices(painted, axis)
+    keys = np.unique(np.asarray(slices, dtype=np.int64))
+    if keys.size and (keys[0] < 0 or keys[-1] >= labels.shape[axis]):
+        raise InputError(f"slice indices must lie in 0..{labels.shape[axis] - 1} along axis {axis}")
+    wanted = None if values is None else {int(v) for v in values}
+    parts: list[tuple[np.ndarray, ...]] = []
+    new_values: list[np.ndarray] = []
+    old_values: list[np.ndarray] = []
+    for a, b in zip(keys[:-1], keys[1:]):
+        if b - a < 2:
+            continue
+        for s, new in _fill_between(labels, axis, int(a), int(b), wanted, overwrite_other):
+            old = np.take(labels, s, axis=axis)
+            changed = new != old
+            if painted is not None:
+                changed &= ~np.take(painted, s, axis=axis)
+            where = np.nonzero(changed)
+            if not where[0].size:
+                continue
+            full = [*where]
+            full.insert(axis, np.full(where[0].size, s, dtype=np.intp))
+            parts.append(tuple(full))
+            new_values.append(new[where])
+            old_values.append(old[where])
+    if not parts:
+        empty = tuple(np.zeros(0, dtype=np.intp) for _ in range(labels.ndim))
+        return LabelChange(empty, np.zeros(0, labels.dtype), np.zeros(0, labels.dtype))
+    indices = tuple(np.concatenate([p[d] for p in parts]) for d in range(labels.ndim))
+    return LabelChange(indices, np.concatenate(new_values), np.concatenate(old_values))
