@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_several_slices_and_values_one_sided_shrinks_and_others_kept():
     for s in range(1, 12):
         assert (result[s, 2:12, 2:12] == VERTEBRAL_BODY).all(), s
     disc_area = [np.isin(result[s], [INTERVERTEBRAL_DISC, 3]).sum() for s in range(0, 7)]
-    assert all(x >= y for x, y in zip(disc_area, disc_area[1:])) and disc_area[2] > 0
+    assert all(x >= y for x, y in pairwise(disc_area)) and disc_area[2] > 0
     assert not (result[3:] == INTERVERTEBRAL_DISC).any()  # gone from half-way on
     assert (result[9, 25:27, 25:27] == 3).all()  # value on neither corrected slice: untouched
     assert (result[3, 20:22, 20:22] == 3).all()  # other value inside the shrinking disc kept by default

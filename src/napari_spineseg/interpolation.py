@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from scipy import ndimage
@@ -187,7 +188,7 @@ def interpolate_between_slices(
     parts: list[tuple[np.ndarray, ...]] = []
     new_values: list[np.ndarray] = []
     old_values: list[np.ndarray] = []
-    for a, b in zip(keys[:-1], keys[1:]):
+    for a, b in pairwise(keys):
         if b - a < 2:
             continue
         for s, new in _fill_between(labels, axis, int(a), int(b), wanted, overwrite_other):
