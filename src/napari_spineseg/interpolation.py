@@ -129,6 +129,8 @@ def _fill_between(
     b: int,
     values: Sequence[int] | None,
     overwrite_other: bool,
+    prior: np.ndarray | None = None,
+    reach: float = np.inf,
 ) -> Iterable[tuple[int, np.ndarray]]:
     """(slice index, new slice) for every slice strictly between corrected slices ``a`` and ``b``."""
     first, last = np.take(labels, a, axis=axis), np.take(labels, b, axis=axis)
@@ -136,13 +138,21 @@ def _fill_between(
     chosen = [int(v) for v in present if v != 0 and (values is None or int(v) in values)]
     if not chosen:
         return
-    masks = [(first == v, last == v) for v in chosen]
-    box = _box([m for pair in masks for m in pair], first.shape)
-    distances = np.stack([_pair_distances(m0[box], m1[box]) for m0, m1 in masks])
     chosen_array = np.asarray(chosen, dtype=labels.dtype)
+    masks = [(first == v, last == v) for v in chosen]
+    extra = []
+    if prior is not None:  # the prior's shapes between the two slices may reach further
+        between = np.take(prior, np.arange(a + 1, b), axis=axis)
+        extra = [np.any(np.isin(between, chosen_array), axis=axis)]
+    box = _box([m for pair in masks for m in pair] + extra, first.shape)
+    distances = np.stack([_pair_distances(m0[box], m1[box]) for m0, m1 in masks])
     for s in range(a + 1, b):
         t = (s - a) / (b - a)
         blend = (1.0 - t) * distances[:, 0] + t * distances[:, 1]  # (values, *box shape)
+        if prior is not None:  # trust the corrections near them, the prior far from them
+            weight = float(np.exp(-((min(s - a, b - s) / reach) ** 2))) if reach > 0 else 0.0
+            own = np.take(prior, s, axis=axis)[box]
+            blend = weight * blend + (1.0 - weight) * np.stack([signed_distance(own == v) for v in chosen])
         best = np.argmax(blend, axis=0)
         inside = np.take_along_axis(blend, best[None], axis=0)[0] > 0
         old = np.take(labels, s, axis=axis)
@@ -161,18 +171,28 @@ def interpolate_between_slices(
     painted: np.ndarray | None = None,
     values: Iterable[int] | None = None,
     overwrite_other: bool = False,
+    max_gap: int | None = None,
+    prior: np.ndarray | None = None,
+    reach: float = 3.0,
 ) -> LabelChange:
     """The change that fills the slices between consecutive corrected slices along ``axis``.
 
     ``slices``: the corrected slice indices; default: the slices holding any ``painted`` voxel.
     ``painted``: boolean mask (``labels``' shape) of voxels the annotator painted; never changed.
     ``values``: restrict to these label values (default: every value on the corrected slices).
+    ``max_gap``: leave consecutive corrected slices further apart than this alone (the model's
+    slices between far-apart corrections are usually better than a blend of the two).
+    ``prior``: a label map to fall back on far from the corrections (e.g. the model's own result):
+    its signed distances are blended in with weight ``1 - exp(-(d / reach)²)``, ``d`` the distance
+    in slices to the nearer corrected slice.  Without it, the slices between are pure interpolation.
     ``labels`` itself is not modified.
     """
     labels = np.asarray(labels)
     axis = _check_axis(labels.shape, axis)
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
         raise InputError(f"labels must hold integers, got dtype {labels.dtype}")
+    if prior is not None and np.shape(prior) != labels.shape:
+        raise InputError(f"prior shape {np.shape(prior)} differs from the labels' {labels.shape}")
     if painted is not None:
         painted = np.asarray(painted, dtype=bool)
         if painted.shape != labels.shape:
@@ -189,9 +209,9 @@ def interpolate_between_slices(
     new_values: list[np.ndarray] = []
     old_values: list[np.ndarray] = []
     for a, b in pairwise(keys):
-        if b - a < 2:
+        if b - a < 2 or (max_gap is not None and b - a > max_gap):
             continue
-        for s, new in _fill_between(labels, axis, int(a), int(b), wanted, overwrite_other):
+        for s, new in _fill_between(labels, axis, int(a), int(b), wanted, overwrite_other, prior, reach):
             old = np.take(labels, s, axis=axis)
             changed = new != old
             if painted is not None:
