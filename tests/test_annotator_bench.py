@@ -27,10 +27,9 @@ def test_quick_benchmark_writes_curves_for_every_strategy_and_picker(bench, tmp_
     assert bench.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]) == 0
     with (tmp_path / "annotator.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert {(r["strategy"], r["picker"]) for r in rows} == {
-        (s, p) for s in ("paint-only", "interpolation") for p in ("uncertain", "worst")
-    }
-    for strategy in ("paint-only", "interpolation"):
+    assert {"paint-only", "interpolation", "interpolation+model"} <= set(bench.STRATEGIES)
+    assert {(r["strategy"], r["picker"]) for r in rows} == {(s, p) for s in bench.STRATEGIES for p in bench.PICKERS}
+    for strategy in bench.STRATEGIES:
         own = [r for r in rows if r["strategy"] == strategy and r["picker"] == "worst"]
         assert [int(r["round"]) for r in own] == list(range(len(own))) and len(own) >= 3
         assert [int(r["slices_painted"]) for r in own] == list(range(len(own)))
@@ -63,6 +62,7 @@ def test_painting_pickers_and_interpolation_keep_painted_voxels(bench) -> None:
     assert state.voxels == 10 and state.slices == [2] and state.painted[2, 5, 5:15].all()
     assert state.labels[2, 0, 0] == 1  # outside the span: left alone
     assert bench.pick_uncertain(study, state) == 9
+    assert bench.pick_uncertain_spread(study, state) == 9
     assert bench.pick_worst(study, state) != 2
     bench.paint(study, state, 9)
     digest = hashlib.sha256(state.labels[state.painted].tobytes()).hexdigest()
@@ -70,5 +70,9 @@ def test_painting_pickers_and_interpolation_keep_painted_voxels(bench) -> None:
     assert hashlib.sha256(state.labels[state.painted].tobytes()).hexdigest() == digest
     assert (state.labels[3:9, 5, 5:15] == 1).all()  # filled between the painted slices
     assert bench.dice(study, state.labels) > bench.dice(study, study.prediction)
+    state.labels[5, 5:15, 5:15] = 0  # the model-guided fill redraws the slices between as well
+    bench.STRATEGIES["interpolation+model"](study, state)
+    assert hashlib.sha256(state.labels[state.painted].tobytes()).hexdigest() == digest
+    assert (state.labels[3:9, 6:15, 5:15] == 1).all()
     rows = bench.simulate(study, "paint-only", "worst", rounds=50)
     assert rows[-1]["dice"] == 1.0 and len(rows) == 13  # every slice fixed, then nothing is left to pick

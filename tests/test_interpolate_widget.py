@@ -119,3 +119,32 @@ def test_interpolation_never_overwrites_painting_and_refuses_a_stale_preview(set
     assert not painted_mask(layer)[a + 1, 0, 0]  # the plugin's own edit is not "painting"
     layer.undo()
     assert _digest(layer.data) == _digest(current)
+
+
+def test_on_a_segment_result_the_fill_keeps_the_model_far_from_painted_slices(setup) -> None:
+    from napari_spineseg.widgets._shared import PREDICTION_KEY
+
+    _, widget, layer, disc, _, _ = setup
+    extent = np.flatnonzero(disc.any(axis=(1, 2)))
+    a, b = int(extent[2]), int(extent[-3])
+    middle = (a + b) // 2
+    prediction = np.where(disc, INTERVERTEBRAL_DISC, 0).astype(layer.data.dtype)
+    layer.data = prediction.copy()
+    layer.metadata = {**layer.metadata, PREDICTION_KEY: prediction.copy()}
+    where = np.nonzero(disc[a])
+    layer.data_setitem((np.full(where[0].size, a), *where), 0)  # the annotator erases the disc on slice a
+    layer.data_setitem((np.array([b]), np.array([0]), np.array([0])), 3)  # and touches slice b
+    before = np.array(layer.data, copy=True)
+
+    widget.model_check.setChecked(True)
+    widget.preview(sync=True)
+    assert widget.apply() > 0
+    assert (layer.data[middle] == before[middle]).all()  # far from both: the model's disc stays
+    assert (layer.data[a + 1] == INTERVERTEBRAL_DISC).sum() < disc[a + 1].sum()  # next to the erased slice: less
+    layer.undo()
+    assert _digest(layer.data) == _digest(before)
+
+    widget.model_check.setChecked(False)
+    widget.preview(sync=True)
+    widget.apply()
+    assert not (layer.data[middle] == INTERVERTEBRAL_DISC).any()  # pure interpolation: gone half-way

@@ -19,7 +19,14 @@ Rules (one pair of consecutive corrected slices ``a < b`` at a time, per label v
   the blend is ≤ 0 everywhere from the middle slice on);
 - a value on neither slice is left alone (a structure may lie wholly between them);
 - voxels of other values are kept unless ``overwrite_other``;
-- corrected slices and ``painted`` voxels are never changed.
+- corrected slices and ``painted`` voxels are never changed;
+- optional ``prior`` (the model's own label map): its shapes are blended in with distance from the
+  corrected slices, so far from them the model's slice stands (``reach`` slices, Gaussian weight);
+- optional ``max_gap``: corrected slices further apart are not interpolated between.
+
+Measured by ``benchmarks/bench_annotator.py``: a pure blend between far-apart slices is worse
+than the model's own slices (Dice fell from 0.88 to 0.50 after two slices at the two ends of the
+bodies); with the model as prior it never falls below the model.
 
 Distances are in voxels of the slice plane (assumes square in-plane voxels).
 """

@@ -2,7 +2,9 @@
 
 Preview shows the proposed voxels in a temporary Labels layer; Apply writes them into the chosen
 layer as one undo step (Ctrl+Z, or Undo here, restores the exact previous array); voxels the
-annotator painted are never changed (see :mod:`._undo`).
+annotator painted are never changed (see :mod:`._undo`).  On a Segment result (which keeps the
+model's original prediction) the fill is blended into the model's shapes with distance from the
+painted slices (``prior``, see :func:`napari_spineseg.interpolation.interpolate_between_slices`).
 """
 
 from __future__ import annotations
@@ -11,22 +13,37 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..errors import SpinesegError
-from ._shared import PLANE_NAMES, LayerCombo, Outcome, is_kind, notify_error, start_job
+from ._shared import PLANE_NAMES, PREDICTION_KEY, LayerCombo, Outcome, is_kind, notify_error, start_job
 from ._undo import apply_change, paint_tracker, painted_mask
 
 PREVIEW_KEY = "spineseg_interpolation_preview"
 
 
-def interpolation_job(labels: np.ndarray, axis: int, painted: np.ndarray):
+def interpolation_job(labels: np.ndarray, axis: int, painted: np.ndarray, prior: np.ndarray | None = None):
     """Worker: the change filling between the painted slices (plain arrays in, LabelChange out)."""
     from ..interpolation import interpolate_between_slices, painted_slices
 
     yield "interpolate"
     slices = painted_slices(painted, axis)
-    return slices, interpolate_between_slices(labels, axis, slices=slices, painted=painted)
+    return slices, interpolate_between_slices(labels, axis, slices=slices, painted=painted, prior=prior)
+
+
+def model_prior(layer: Any) -> np.ndarray | None:
+    """The Segment widget's original prediction of ``layer`` (same shape), if it has one."""
+    prior = (layer.metadata or {}).get(PREDICTION_KEY)
+    return prior if isinstance(prior, np.ndarray) and prior.shape == layer.data.shape else None
 
 
 class InterpolateWidget(QWidget):
@@ -43,6 +60,12 @@ class InterpolateWidget(QWidget):
         self.plane_combo = QComboBox(self)
         self.plane_combo.addItems(PLANE_NAMES)
         self.plane_combo.setCurrentText("sagittal")
+        self.model_check = QCheckBox("Far from painted slices, keep the model's shapes", self)
+        self.model_check.setChecked(True)
+        self.model_check.setToolTip(
+            "On a Segment result: the fill follows the painted slices near them and the model's own "
+            "result further away (better than a long blend between distant slices)"
+        )
         self.preview_button = QPushButton("Preview", self)
         self.preview_button.setToolTip("Fill between consecutive painted slices of the plane (shown, not yet applied)")
         self.preview_button.clicked.connect(lambda: self.preview())
@@ -58,6 +81,7 @@ class InterpolateWidget(QWidget):
         form.addRow("Labels", self.labels_combo)
         form.addRow("Plane", self.plane_combo)
         layout.addLayout(form)
+        layout.addWidget(self.model_check)
         row = QHBoxLayout()
         for button in (self.preview_button, self.apply_button, self.undo_button):
             row.addWidget(button)
@@ -95,7 +119,8 @@ class InterpolateWidget(QWidget):
         self._target = layer
         self._edits_at_preview = paint_tracker(layer).edits
         self.preview_button.setEnabled(False)
-        job = partial(interpolation_job, np.array(layer.data, copy=True), axis, painted_mask(layer))
+        prior = model_prior(layer) if self.model_check.isChecked() else None
+        job = partial(interpolation_job, np.array(layer.data, copy=True), axis, painted_mask(layer), prior)
         start_job(job, "interpolation", lambda _: None, self._on_preview, sync=sync)
 
     def _on_preview(self, outcome: Outcome) -> None:
