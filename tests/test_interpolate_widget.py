@@ -148,3 +148,17 @@ def test_on_a_segment_result_the_fill_keeps_the_model_far_from_painted_slices(se
     widget.preview(sync=True)
     widget.apply()
     assert not (layer.data[middle] == INTERVERTEBRAL_DISC).any()  # pure interpolation: gone half-way
+
+
+def test_threaded_preview_shows_the_layer_without_taking_the_selection(setup, qtbot) -> None:
+    viewer, widget, layer, disc, a, b = setup
+    _annotate(layer, disc, (a, b))
+    viewer.layers.selection.active = layer
+    widget.preview()  # in a worker; the layer is added in event-loop turns
+    qtbot.waitUntil(lambda: widget.preview_layer is not None and widget.preview_layer.visible, timeout=30_000)
+    assert widget.preview_layer in viewer.layers
+    assert viewer.layers.selection.active is layer  # the annotator keeps painting on their layer
+    before = np.array(layer.data, copy=True)
+    assert widget.apply() > 0 and widget.preview_layer is None
+    layer.undo()
+    assert _digest(layer.data) == _digest(before)

@@ -25,19 +25,44 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import SpinesegError
-from ._shared import PLANE_NAMES, PREDICTION_KEY, LayerCombo, Outcome, is_kind, notify_error, start_job
+from ._layers import add_in_turns, build_layer
+from ._shared import (
+    PLANE_NAMES,
+    PREDICTION_KEY,
+    LayerCombo,
+    Outcome,
+    in_event_loop_turns,
+    is_kind,
+    notify_error,
+    start_job,
+)
 from ._undo import apply_change, paint_tracker, painted_mask
 
 PREVIEW_KEY = "spineseg_interpolation_preview"
 
 
-def interpolation_job(labels: np.ndarray, axis: int, painted: np.ndarray, prior: np.ndarray | None = None):
-    """Worker: the change filling between the painted slices (plain arrays in, LabelChange out)."""
+def interpolation_job(
+    labels: np.ndarray,
+    axis: int,
+    painted: np.ndarray,
+    prior: np.ndarray | None = None,
+    preview_kwargs: dict[str, Any] | None = None,
+):
+    """Worker: the change filling between the painted slices, and a hidden preview layer of it.
+
+    Plain arrays in; ``(painted slice indices, LabelChange, preview layer or None)`` out.
+    """
     from ..interpolation import interpolate_between_slices, painted_slices
 
     yield "interpolate"
     slices = painted_slices(painted, axis)
-    return slices, interpolate_between_slices(labels, axis, slices=slices, painted=painted, prior=prior)
+    change = interpolate_between_slices(labels, axis, slices=slices, painted=painted, prior=prior)
+    if change.size == 0 or preview_kwargs is None:
+        return slices, change, None
+    yield "preview"
+    shown = np.zeros(labels.shape, dtype=labels.dtype)
+    shown[change.indices] = change.values  # cleared voxels (0) show as background
+    return slices, change, build_layer(shown, preview_kwargs, "labels")
 
 
 def model_prior(layer: Any) -> np.ndarray | None:
@@ -120,37 +145,36 @@ class InterpolateWidget(QWidget):
         self._edits_at_preview = paint_tracker(layer).edits
         self.preview_button.setEnabled(False)
         prior = model_prior(layer) if self.model_check.isChecked() else None
-        job = partial(interpolation_job, np.array(layer.data, copy=True), axis, painted_mask(layer), prior)
-        start_job(job, "interpolation", lambda _: None, self._on_preview, sync=sync)
+        preview_kwargs = {
+            "name": f"{layer.name} interpolation preview",
+            "scale": layer.scale,
+            "translate": layer.translate,
+            "opacity": 0.5,
+            "metadata": {PREVIEW_KEY: True},
+        }
+        data = np.array(layer.data, copy=True)
+        job = partial(interpolation_job, data, axis, painted_mask(layer), prior, preview_kwargs)
+        start_job(job, "interpolation", lambda _: None, partial(self._on_preview, sync=sync), sync=sync)
 
-    def _on_preview(self, outcome: Outcome) -> None:
+    def _on_preview(self, outcome: Outcome, sync: bool = False) -> None:
         self.preview_button.setEnabled(True)
         if outcome.error:
             notify_error(outcome.error)
             return
         if outcome.value is None:
             return
-        slices, self.change = outcome.value
+        slices, self.change, preview = outcome.value
+        painted = list(map(int, slices))
         if len(slices) < 2 or self.change.size == 0:
             self.change = None
-            self.status.setText(f"Painted slices: {list(map(int, slices))} — nothing to fill between them.")
+            self.status.setText(f"Painted slices: {painted} — nothing to fill between them.")
             return
-        layer = self._target
-        shown = np.zeros(layer.data.shape, dtype=layer.data.dtype)
-        shown[self.change.indices] = self.change.values  # cleared voxels (0) show as background
-        self.preview_layer = self.viewer.add_labels(
-            shown,
-            name=f"{layer.name} interpolation preview",
-            scale=layer.scale,
-            translate=layer.translate,
-            opacity=0.5,
-            metadata={PREVIEW_KEY: True},
-        )
-        self.viewer.layers.selection.active = layer
+        self.preview_layer = preview
+        in_event_loop_turns(add_in_turns(self.viewer, preview, select=False), lambda: None, sync=sync)
         removed = int(np.count_nonzero(self.change.values == 0))
         self.status.setText(
-            f"Between painted slices {list(map(int, slices))}: {self.change.size} voxels change "
-            f"({removed} cleared). Apply to write them (undoable)."
+            f"Between painted slices {painted}: {self.change.size} voxels change "
+            f"({removed} cleared, not shown). Apply to write them (undoable)."
         )
 
     def apply(self) -> int:
