@@ -25,7 +25,16 @@ the model's own shapes with distance from the painted slices: what the dock widg
 Segment result).  Adding one is one function in
 :data:`STRATEGIES` (study adaptation and fine-tuning are TODO hooks, done elsewhere).
 
-``--quick``: a small phantom, 3 rounds, both strategies and pickers — seconds (tests/test_annotator_bench.py).
+``--quick``: a small phantom, 3 rounds, every strategy and picker — seconds (tests/test_annotator_bench.py).
+
+Last full run (VB3-01/02/04/05 bodies, IVD-11 discs; mean whole-study Dice, model alone 0.885):
+after 10 painted slices, paint-only 0.910 (Review widget's picker) / 0.904 (spread) / 0.917 (oracle);
+interpolation+model 0.914 / 0.927 / 0.941; pure interpolation 0.915 / 0.925 / 0.951 but it falls
+to 0.52 on the way (two far-apart slices).  Interpolation+model with the spread proposal reaches
+paint-only's 10-slice Dice (same picker) after 4 slices.  0.95 after <= 5 slices is not reached
+by interpolation: the model's errors (mostly missed body rims, 2.4x more false negatives than
+false positives on VB3-01) lie on every sagittal slice, and copying corrections sideways fixes
+only the painted slices' neighbours — the study adaptation / fine-tuning strategies must do the rest.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_spineseg.augment import IGNORE
-from napari_spineseg.interpolation import interpolate_between_slices
+from napari_spineseg.interpolation import interpolate_between_slices, next_slice_to_paint
 from napari_spineseg.metrics import dice_score
 from napari_spineseg.orientation import Plane, plane_array_axis
 from napari_spineseg.review import uncertain_slices
@@ -152,19 +161,8 @@ def pick_uncertain(study: Study, state: State) -> int | None:
 
 
 def pick_uncertain_spread(study: Study, state: State) -> int | None:
-    """A proposal that spreads out: slices ranked by summed uncertainty, damped near painted slices.
-
-    The score of slice ``s`` is its summed uncertainty times ``prod(1 - exp(-((s - p) / SPREAD)²))``
-    over the painted slices ``p``: corrections cover their neighbours (by interpolation), so
-    the next proposal is elsewhere.
-    """
-    score = study.uncertainty.sum(axis=_other_axes(study.axis), dtype=np.float64)
-    index = np.arange(score.size)
-    for painted in state.slices:
-        score *= 1.0 - np.exp(-(((index - painted) / SPREAD) ** 2))
-    score[state.slices] = -1.0
-    best = int(np.argmax(score))
-    return best if score[best] >= 0 else None
+    """A proposal that spreads out (:func:`~napari_spineseg.interpolation.next_slice_to_paint`)."""
+    return next_slice_to_paint(study.uncertainty, study.axis, state.slices, spread=SPREAD)
 
 
 def pick_worst(study: Study, state: State) -> int | None:

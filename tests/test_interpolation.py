@@ -10,7 +10,12 @@ import pytest
 from scipy import ndimage
 
 from napari_spineseg.errors import InputError
-from napari_spineseg.interpolation import interpolate_between_slices, painted_slices, signed_distance
+from napari_spineseg.interpolation import (
+    interpolate_between_slices,
+    next_slice_to_paint,
+    painted_slices,
+    signed_distance,
+)
 from napari_spineseg.phantom import make_phantom
 from napari_spineseg.schema import INTERVERTEBRAL_DISC, VERTEBRAL_BODY
 
@@ -133,3 +138,15 @@ def test_helpers_and_errors():
         interpolate_between_slices(labels.astype(float), 0, slices=[0, 4])
     with pytest.raises(InputError, match="shape"):
         interpolate_between_slices(labels, 0, painted=np.zeros((5, 4), bool))
+
+
+def test_next_slice_to_paint_spreads_out_from_painted_slices():
+    uncertainty = np.zeros((30, 4, 4), np.float32)
+    uncertainty[10:14] = 1.0  # one cluster of uncertain slices ...
+    uncertainty[25] = 0.6  # ... and a lone, less uncertain one
+    assert next_slice_to_paint(uncertainty, 0) in range(10, 14)
+    assert next_slice_to_paint(uncertainty, 0, painted=[11]) == 25  # not the cluster's neighbour
+    assert next_slice_to_paint(uncertainty, 0, painted=[11], spread=0) in (10, 12, 13)  # plain ranking
+    assert next_slice_to_paint(uncertainty[:2], 0, painted=[0, 1]) is None
+    with pytest.raises(InputError, match="painted slice"):
+        next_slice_to_paint(uncertainty, 0, painted=[30])
