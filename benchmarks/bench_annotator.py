@@ -32,7 +32,7 @@ after 10 painted slices, paint-only 0.910 (Review widget's picker) / 0.904 (spre
 interpolation+model 0.914 / 0.927 / 0.941; pure interpolation 0.915 / 0.925 / 0.951 but it falls
 to 0.52 on the way (two far-apart slices).  Interpolation+model with the spread proposal reaches
 paint-only's 10-slice Dice (same picker) after 4 slices.  0.95 after <= 5 slices is not reached
-by interpolation: the model's errors (mostly missed body rims, 2.4x more false negatives than
+by interpolation: the model's errors (mostly missed voxels: 2.4x more false negatives than
 false positives on VB3-01) lie on every sagittal slice, and copying corrections sideways fixes
 only the painted slices' neighbours — the study adaptation / fine-tuning strategies must do the rest.
 """
