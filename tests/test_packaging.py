@@ -68,6 +68,7 @@ def test_core_imports_without_qt_or_napari() -> None:
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import napari_spineseg.io, napari_spineseg.inference, napari_spineseg.metrics, napari_spineseg.training.loop\n"
+        "import napari_spineseg.interpolation\n"
         "import napari_spineseg.cli, napari_spineseg.phantom, napari_spineseg.modelfile, napari_spineseg.preflight\n"
         "print('ok')\n"
     )

@@ -1,4 +1,4 @@
-"""napari dock widgets: Segment spine, Review segmentation, Fine-tune model.
+"""napari dock widgets: Segment spine, Review segmentation, Fine-tune model, Interpolate slices.
 
 One module per widget; each widget is a ``QWidget`` taking the viewer.  Heavy work runs in napari
 thread workers on plain arrays (a worker may also build a layer object that is in no viewer yet);
@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FinetuneWidget", "ReviewWidget", "SegmentWidget"]
+__all__ = ["FinetuneWidget", "InterpolateWidget", "ReviewWidget", "SegmentWidget"]
 
-_MODULES = {"SegmentWidget": "segment", "ReviewWidget": "review", "FinetuneWidget": "finetune"}
+_MODULES = {
+    "SegmentWidget": "segment",
+    "ReviewWidget": "review",
+    "FinetuneWidget": "finetune",
+    "InterpolateWidget": "interpolate",
+}
 
 
 def __getattr__(name: str) -> Any:
