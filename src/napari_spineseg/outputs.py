@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, SpinesegError
 
 RECORD_SUFFIX = ".spineseg.json"
 RECORD_TOOL = "napari-spineseg"
@@ -244,7 +244,10 @@ class OutputSet:
         else:
             temp = destination.parent / f"{token}{suffix}"
             self._temporaries.append(temp)
-        write(temp)
+        try:
+            write(temp)
+        except SpinesegError as error:  # name the destination, not the temporary file
+            raise type(error)(str(error).replace(str(temp), str(destination))) from None
         self._staged.append((temp, destination, dict(record, sha256=file_sha256(temp))))
 
     def commit(self) -> list[Path]:
