@@ -290,6 +290,14 @@ def test_studies_with_nothing_to_segment_are_refused(
     assert not list(tmp_path.glob("flat_seg*"))
 
 
+def test_cohort_refuses_a_constant_study(tmp_path: Path, model: Path) -> None:
+    study(tmp_path / "flat.nii.gz", value=0.0)
+    study(tmp_path / "real.nii.gz", 1)
+    results = {p.result.study: p.result for p in segment_cohort(tmp_path, model=model)}
+    assert results["flat"].status == "error" and "nothing to segment" in results["flat"].error
+    assert results["real"].status == "done" and not (tmp_path / "flat_seg.nii.gz").exists()
+
+
 def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
     source = study(tmp_path / "scan.nii.gz")
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")

@@ -79,7 +79,8 @@ def _discover(inputs: list[str]) -> tuple[list[Job], dict[str, list[Any]], int]:
     for item in inputs:
         path = Path(item).expanduser()
         if len(inputs) > 1 and not path.is_dir() and not is_dicom_file(path):
-            jobs.append(Job(item, 0, path.name, path, [path, *data_files(path)], fit_name(strip_suffix(path))))
+            stem = strip_suffix(path)
+            jobs.append(Job(item, 0, stem, path, [path, *data_files(path)], fit_name(stem)))
             continue
         try:
             volumes = read_volumes(item)
@@ -103,6 +104,8 @@ def _as_directory(option: str, what: str) -> bool:
         return False
     if path.is_dir() or option.endswith(("/", os.sep)) or (not path.exists() and not path.suffix):
         return True
+    if path.exists() and not path.suffix:
+        raise InputError(f"{what} {shown(option)}: an existing file that is neither a directory nor a known format")
     raise InputError(
         f"{what} {shown(option)}: unknown output format {path.suffix!r} (use .nii.gz, .nii, .mha, .mhd, .nrrd, "
         ".nhdr or .dcm; a new directory needs a name without an extension or a trailing /)"
@@ -131,8 +134,10 @@ def plan_outputs(jobs: list[Job], args: argparse.Namespace) -> None:
         base = name[: -len(suffix)] if suffix else name
         if args.dicom_seg:
             seg = Path(args.dicom_seg).expanduser()
-            if several or seg.is_dir() or _as_directory(args.dicom_seg, "--dicom-seg"):
+            if seg.is_dir() or _as_directory(args.dicom_seg, "--dicom-seg"):
                 job.dicom_seg = seg / f"{base}.dcm"
+            elif several:
+                raise InputError(f"--dicom-seg {shown(seg)}: several studies need a directory for their DICOM-SEGs")
             elif volume_suffix(seg) != ".dcm":
                 raise InputError(f"--dicom-seg {shown(seg)}: a DICOM Segmentation file must end in .dcm")
             else:
