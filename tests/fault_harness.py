@@ -315,7 +315,7 @@ def segment_cli(work: Path, shape: tuple[int, int, int] = (40, 128, 128)) -> Sce
     _tiny_model(model)
     labels, uncertainty = folder / "study_seg.nii.gz", folder / "study_unc.nii.gz"
     argv = [_python(), "-m", "napari_spineseg.cli", "segment", str(study), "-o", str(labels)]
-    argv += ["--model", str(model), "--device", "cpu", "--uncertainty", str(uncertainty), "-q"]
+    argv += ["--model", str(model), "--device", "cpu", "--uncertainty", str(uncertainty), "-q", "--overwrite"]
     env = _env({"SPINESEG_MODEL_DIR": str(work / "user-models")})
     new: dict[Path, bytes] = {}
     scenario = Scenario(

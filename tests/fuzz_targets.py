@@ -1271,6 +1271,75 @@ def cli_case(d: Draw, work: Path) -> Case:
 
 
 # --------------------------------------------------------------------------------------------
+# Output paths of the command line (red-team issue #18)
+# --------------------------------------------------------------------------------------------
+def paths_case(d: Draw, work: Path) -> Case:
+    """``segment`` with outputs drawn among the inputs, a source series' slices and folder, a manual
+    label file, each other and odd names.  Property: no file that existed before changes (the manual
+    label file, or any file not a study, may with ``--overwrite``), and one run never writes one output
+    path twice."""
+    case_dir = _prepare_dirs(work)
+    files = _cli_fixtures(case_dir)
+    (case_dir / "twin").mkdir()
+    shutil.copy(files["study"], case_dir / "twin" / "study.nii.gz")  # same name, other folder
+    dicom = case_dir / "dicom"
+    names = {
+        "study": files["study"],
+        "twin": str(case_dir / "twin" / "study.nii.gz"),
+        "other": files["other"],
+        "dicom": str(dicom),
+        "slice": str(dicom / "slice001.dcm"),
+        "manual": files["labels"],  # study_seg.nii.gz: the user's label map beside the study
+        "outdir": files["outdir"],
+        "outfile": files["outfile"],
+        "png": str(case_dir / "x.png"),
+        "dcmnew": str(dicom / "new.dcm"),
+        "dcmout": str(case_dir / "out" / "seg.dcm"),
+    }
+    inputs = [names[d.choice(["study", "twin", "other", "dicom", "slice"])] for _ in range(d.int(1, 3))]
+    argv = ["segment", *inputs, "--model", files["model"], "--device", "cpu", "-q"]
+    targets = [*names.values(), *inputs]
+    for option, chance in (("-o", 0.8), ("--uncertainty", 0.4), ("--dicom-seg", 0.2)):
+        if d.bool(chance):
+            argv += [option, d.choice(targets) if d.bool(0.7) else d.choice(argv[1 : len(inputs) + 1])]
+    overwrite = d.bool(0.2)
+    if overwrite:
+        argv.append("--overwrite")
+    before = {p: p.read_bytes() for p in case_dir.rglob("*") if p.is_file()}
+    steps = [f"argv: {argv!r}"]
+
+    def run() -> Any:
+        from napari_spineseg import io as sio
+        from napari_spineseg.cli import main
+
+        written: list[str] = []
+        write = sio.atomic_path
+
+        def recording(destination):  # every final rename of this run
+            written.append(os.path.realpath(destination))
+            return write(destination)
+
+        sio.atomic_path = recording
+        try:
+            with environment(SPINESEG_MODEL_DIR=str(case_dir / "models")):
+                status = main(argv)
+        finally:
+            sio.atomic_path = write
+        changed = [p for p, data in before.items() if not p.is_file() or p.read_bytes() != data]
+        if overwrite:  # the user insists: only the studies themselves stay protected
+            studies = {os.path.realpath(i) for i in inputs} | {os.path.realpath(dicom)}
+            changed = [p for p in changed if {os.path.realpath(p), os.path.realpath(p.parent)} & studies]
+        if changed:
+            raise AssertionError(f"files that existed before were changed: {[p.name for p in changed]}")
+        finals = [w for w in written if ".part" not in os.path.basename(w)]
+        if len(finals) != len(set(finals)):
+            raise AssertionError(f"one output path written twice: {sorted(finals)}")
+        return status
+
+    return Case("paths", run, steps, [], cli=True)
+
+
+# --------------------------------------------------------------------------------------------
 TARGETS: dict[str, Callable[[Draw, Path], Case]] = {
     "mha": lambda d, w: metaimage_case(d, w, detached=False),
     "mhd": lambda d, w: metaimage_case(d, w, detached=True),
@@ -1279,6 +1348,7 @@ TARGETS: dict[str, Callable[[Draw, Path], Case]] = {
     "dicom": dicom_case,
     "model": model_case,
     "cli": cli_case,
+    "paths": paths_case,
 }
 
 

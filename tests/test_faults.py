@@ -167,7 +167,8 @@ def test_read_only_folder_is_a_clear_error(tmp_path: Path, monkeypatch, capsys, 
     assert path.read_bytes() == before
     # Through the CLI: one line naming the file and the reason, exit status 1, the old file kept.
     capsys.readouterr()
-    assert main(["segment", str(study), "-o", str(path), "--model", str(model), "--device", "cpu", "-q"]) == 1
+    argv = ["segment", str(study), "-o", str(path), "--model", str(model), "--device", "cpu", "-q", "--overwrite"]
+    assert main(argv) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("spineseg: error: "), errors
     assert f"{path}: cannot write ({reason}" in errors[0]

@@ -67,6 +67,14 @@ def test_cli_arguments_fuzzed(data, tmp_path_factory, monkeypatch) -> None:
     _check("cli", data, tmp_path_factory.mktemp("cli"))
 
 
+@settings(FUZZ, max_examples=25)
+@given(data=st.data())
+def test_cli_output_paths_fuzzed(data, tmp_path_factory, monkeypatch) -> None:
+    """Red-team issue #18: outputs aimed at inputs, source slices, a manual label map, each other."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _check("paths", data, tmp_path_factory.mktemp("paths"))
+
+
 # --- regressions: what the fuzzer found -------------------------------------------------------
 
 

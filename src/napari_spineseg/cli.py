@@ -75,28 +75,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_paths(volumes: Sequence[Any], output: Path | None, several_inputs: bool) -> list[Path]:
-    """Where each segmented volume goes: a file (one study) or ``<name>_seg.nii.gz`` in a directory."""
-    from .errors import InputError
-    from .io import LABEL_SUFFIXES, default_output_path, volume_suffix
-
-    # ``.dcm``: a DICOM Segmentation (DICOM studies only)
-    to_file = output is not None and volume_suffix(output) in (*LABEL_SUFFIXES, ".dcm")
-    if to_file:
-        if len(volumes) > 1 or several_inputs:
-            raise InputError(f"{output}: several studies need an output directory, not a file")
-        return [output]
-    paths = []
-    for volume in volumes:
-        source = Path(volume.path)
-        if len(volumes) > 1 or source.is_dir():
-            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in volume.name).strip("_") or "series"
-            paths.append((output or (source if source.is_dir() else source.parent)) / f"{safe}_seg.nii.gz")
-        else:
-            paths.append(default_output_path(source, output))
-    return paths
-
-
 def _run_with_progress(predictor, volume, quiet: bool):
     from tqdm import tqdm
 
@@ -110,17 +88,6 @@ def _run_with_progress(predictor, volume, quiet: bool):
             bar.n = round(100 * event.fraction)
             bar.set_postfix_str(event.plane or event.stage)
             bar.refresh()
-
-
-def _dicom_seg_path(option: str | None, destination: Path, several: bool) -> Path | None:
-    """``--dicom-seg PATH``: the file itself for one study, else ``PATH/<labels name>.dcm``."""
-    if not option:
-        return None
-    path = Path(option).expanduser()
-    if several or path.is_dir():
-        name = destination.name[: -len(".nii.gz")] if destination.name.endswith(".nii.gz") else destination.stem
-        return path / f"{name}.dcm"
-    return path
 
 
 def _is_cohort_input(inputs: Sequence[str]) -> bool:
@@ -138,10 +105,26 @@ def _segment_cohort(args: argparse.Namespace, settings: Any) -> int:
         raise InputError("--scheduler segments a cohort: give one input directory")
     if getattr(args, "dicom_seg", None):
         raise InputError("--dicom-seg writes single studies; it is not available for a cohort directory")
+    from .outputs import same_path
+    from .segment_command import _as_directory
+
+    if args.output and not _as_directory(args.output, "-o"):
+        raise InputError(f"{args.output}: a cohort needs an output directory, not a file")
+    if args.uncertainty and not same_path(args.uncertainty, args.output or args.inputs[0]):
+        raise InputError(
+            f"--uncertainty {args.uncertainty}: a cohort writes its maps beside the labels "
+            "(OUTPUT_DIR/<study>_uncertainty.nii.gz): give the output directory"
+        )
     report = Path(args.report or Path(args.output or args.inputs[0]) / REPORT_NAME).expanduser()
     print(f"cohort {args.inputs[0]}: model {args.model}, scheduler {args.scheduler or 'serial'}", file=sys.stderr)
     run = segment_cohort(
-        args.inputs[0], args.output, model=args.model, settings=settings, scheduler=args.scheduler, report=report
+        args.inputs[0],
+        args.output,
+        model=args.model,
+        settings=settings,
+        scheduler=args.scheduler,
+        report=report,
+        overwrite=args.overwrite,
     )
     counts = dict.fromkeys(("done", "skipped", "error", "failed"), 0)
     for progress in run:
@@ -157,10 +140,9 @@ def _segment_cohort(args: argparse.Namespace, settings: Any) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .dicomseg import require_dicom_source, write_dicom_seg
-    from .inference import Predictor, SegmentationSettings
-    from .io import read_volumes, write_labels, write_volume
+    from .inference import SegmentationSettings
     from .orientation import Plane
+    from .segment_command import run_segment
 
     settings = SegmentationSettings(
         planes=Plane.parse(args.planes),
@@ -174,42 +156,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     if args.scheduler or _is_cohort_input(args.inputs):
         return _segment_cohort(args, settings)
-    predictor = Predictor(settings)
-    model = predictor.load(args.model)  # model problems stop everything before any study is read
-    print(f"model {model.metadata.name} on {predictor.device} ({predictor.precision})", file=sys.stderr)
-    output = Path(args.output).expanduser() if args.output else None
-    failures = 0
-    for item in args.inputs:
-        try:
-            volumes = read_volumes(item)
-            outputs = _output_paths(volumes, output, len(args.inputs) > 1)
-        except SpinesegError as error:
-            failures += 1
-            print(f"spineseg: error: {error}", file=sys.stderr)
-            continue
-        for volume, destination in zip(volumes, outputs):
-            try:
-                dicom_seg = _dicom_seg_path(args.dicom_seg, destination, len(volumes) > 1 or len(args.inputs) > 1)
-                if destination.suffix.lower() == ".dcm" or dicom_seg:
-                    require_dicom_source(volume)  # before the (slow) segmentation
-                result = _run_with_progress(predictor, volume, args.quiet)
-                if destination.suffix.lower() == ".dcm":
-                    write_dicom_seg(result.labels, volume, destination, model_metadata=model.metadata)
-                else:
-                    write_labels(result.labels, destination)
-                if dicom_seg:
-                    write_dicom_seg(result.labels, volume, dicom_seg, model_metadata=model.metadata)
-                    print(f"{volume.name}: DICOM-SEG -> {dicom_seg}")
-                if args.uncertainty and result.uncertainty is not None:
-                    uncertainty_path = Path(args.uncertainty)
-                    if len(volumes) > 1 or len(args.inputs) > 1:
-                        uncertainty_path = destination.with_name(destination.name.replace("_seg", "_uncertainty"))
-                    write_volume(result.uncertainty, uncertainty_path)
-                print(f"{volume.name}: {result.seconds:.1f} s -> {destination}")
-            except SpinesegError as error:
-                failures += 1
-                print(f"spineseg: error: {volume.name}: {error}", file=sys.stderr)
-    return 1 if failures else 0
+    return run_segment(args, settings)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -430,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "-o",
         "--output",
-        help="output file (one study) or directory; default <name>_seg.nii.gz; a .dcm file is a DICOM Segmentation",
+        help="output file (one study) or directory; default <name>_seg.nii.gz; a .dcm file is a DICOM Segmentation; "
+        "a new directory needs a name without an extension (or a trailing /)",
     )
     segment.add_argument(
         "--dicom-seg",
@@ -443,13 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     segment.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     segment.add_argument("--batch-size", type=int, default=16)
-    segment.add_argument("--uncertainty", metavar="PATH", help="also write a per-voxel uncertainty map")
+    segment.add_argument(
+        "--uncertainty",
+        metavar="PATH",
+        help="also write a per-voxel uncertainty map: a file (one study) or a directory (several studies)",
+    )
     segment.add_argument("--uncertainty-mode", default="disagreement", choices=["disagreement", "entropy"])
     segment.add_argument("--no-postprocess", action="store_true", help="skip per-class post-processing")
     segment.add_argument(
         "--no-lesion-gate", action="store_true", help="ignore the model's lesion-presence gate (if it has one)"
     )
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    segment.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files that spineseg did not write (by default they are never replaced)",
+    )
     segment.add_argument(
         "--scheduler",
         metavar="ADDRESS",
@@ -474,13 +431,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spineseg`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:  # the reader of our output went away (``spineseg ... | head``): stop quietly
+        _silence_stdout()
+        return 141  # as if killed by SIGPIPE, like other command-line tools
     except SpinesegError as error:
         print(f"spineseg: error: {error}", file=sys.stderr)
         return 1

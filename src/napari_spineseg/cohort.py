@@ -5,9 +5,14 @@
 
 Studies are the volume files (``.mha/.mhd/.nii/.nii.gz/.nrrd/.nhdr``; label files such as
 ``*_seg.*`` and hidden entries are skipped) and DICOM series directories found under the input
-directory, in name order.  Each is written to ``OUTPUT_DIR/<study>_seg.nii.gz`` atomically, so a
-complete output (one that reads back with the study's size) is skipped on the next run: an
-interrupted cohort resumes where it stopped.  A CSV report (study, status, seconds, output,
+directory, in name order.  Each is written to ``OUTPUT_DIR/<study>_seg.nii.gz`` atomically with a
+provenance record (:mod:`napari_spineseg.outputs`: the study's path and checksum, the model's
+checksum, the settings), so on the next run an output is reused only when its record matches the
+study, the model and the settings and the file is as spineseg wrote it: an interrupted cohort
+resumes where it stopped, and a study is never paired with another's output.  A name keeps the
+study its record names (a new study with a clashing name gets ``-2``); an existing file that
+spineseg did not write (a manual label map) is never replaced nor reported as a result: the study
+is an ``error`` unless ``overwrite``.  A CSV report (study, status, seconds, output,
 ``volume_ml_<class>`` per model class, error) is rewritten atomically as results arrive.
 
 ``scheduler`` is ``None`` (serial, in this process), ``"local"`` / ``"local:N"`` (a
@@ -24,14 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +53,16 @@ from .io import (
     write_volume,
 )
 from .modelfile import DEFAULT_MODEL_NAME, read_metadata, resolve_model
+from .outputs import (
+    OutputSet,
+    file_sha256,
+    files_sha256,
+    fit_name,
+    make_record,
+    owned_record,
+    read_record,
+    settings_record,
+)
 from .schema import LabelClass
 
 if TYPE_CHECKING:
@@ -76,6 +90,8 @@ class Study:
     source: Path
     output: Path
     series_id: str | None = None
+    key: str = ""  # the source relative to the input directory (``#<series id>`` added): binds records
+    source_sha256: str = ""  # filled in by segment_cohort before the study is segmented
 
     @property
     def uncertainty_output(self) -> Path:
@@ -182,16 +198,43 @@ def discover_studies(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                 walk(Path(entry.path))
 
     walk(root)
+    keys = [_study_key(root, source, series_id) for _, source, series_id in found]
+    recorded = _recorded_keys(output)  # name -> the study key its record names
+    claimed = {name.lower(): key for name, key in recorded.items()}
+    bound = {key: name for name, key in recorded.items()}
     studies, used = [], set()
-    for parts, source, series_id in found:
-        base = "_".join(safe_name(p) for p in parts)
-        name, count = base, 1
-        while name.lower() in used:
-            count += 1
-            name = f"{base}-{count}"
+    for (parts, source, series_id), key in zip(found, keys):
+        name = bound.pop(key, None) if key in bound and bound[key].lower() not in used else None
+        if name is None:
+            base = fit_name("_".join(safe_name(p) for p in parts))
+            name, count = base, 1
+            while name.lower() in used or claimed.get(name.lower(), key) != key:
+                count += 1
+                name = f"{base}-{count}"
         used.add(name.lower())
-        studies.append(Study(name, source, output / f"{name}{OUTPUT_SUFFIX}", series_id))
+        studies.append(Study(name, source, output / f"{name}{OUTPUT_SUFFIX}", series_id, key))
     return studies
+
+
+def _study_key(root: Path, source: Path, series_id: str | None) -> str:
+    try:
+        relative = source.relative_to(root).as_posix()
+    except ValueError:
+        relative = str(source)
+    return f"{relative}#{series_id}" if series_id else relative
+
+
+def _recorded_keys(output: Path) -> dict[str, str]:
+    """Study names of the label maps in ``output`` that have a record, mapped to the study key it names."""
+    claimed: dict[str, str] = {}
+    if not output.is_dir():
+        return claimed
+    for record_file in output.glob(f".*{OUTPUT_SUFFIX}.spineseg.json"):
+        labels = output / record_file.name[1 : -len(".spineseg.json")]
+        record = read_record(labels)
+        if record is not None and record.get("study_key") and labels.exists():
+            claimed[labels.name[: -len(OUTPUT_SUFFIX)]] = str(record["study_key"])
+    return claimed
 
 
 def _source_size(study: Study) -> tuple[int, int, int] | None:
@@ -215,13 +258,67 @@ def _source_size(study: Study) -> tuple[int, int, int] | None:
         return None
 
 
-def completed_result(study: Study, classes: Sequence[LabelClass], uncertainty: bool = False) -> StudyResult | None:
-    """A ``skipped`` result (volumes from the existing output) when ``study``'s output is complete, else None.
+def source_checksum(study: Study) -> str:
+    """The SHA-256 of a study's file(s) (a DICOM series: of its files in series order)."""
+    import SimpleITK as sitk
 
-    Complete means: it reads back without error with the study's size (and the uncertainty map
-    exists when one is asked for).  Writes are atomic, so temporary files are never outputs.
+    try:
+        if study.series_id is None:
+            return file_sha256(study.source)
+        return files_sha256(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(study.source), study.series_id))
+    except (OSError, RuntimeError):
+        return ""  # unreadable: segment_study reports it
+
+
+def _binding(study: Study, model: ModelRef, settings: SegmentationSettings) -> dict[str, Any]:
+    """What a record must say for its output to count as this study's result."""
+    return {
+        "study_key": study.key,
+        "source_sha256": study.source_sha256,
+        "model_sha256": model.digest,
+        "settings": settings_record(settings),
+    }
+
+
+def resume_state(
+    study: Study,
+    classes: Sequence[LabelClass],
+    model: ModelRef,
+    settings: SegmentationSettings,
+    overwrite: bool = False,
+) -> StudyResult | None:
+    """``skipped`` (volumes of the existing output) when ``study``'s outputs are its complete results,
+    ``error`` when an output file exists that spineseg did not write (unless ``overwrite``), else None.
+
+    A result counts when every output (the uncertainty map too when asked for) has a record naming
+    this study (key and source checksum), the model's checksum and the settings, and the file is
+    unchanged since.  A damaged file with a spineseg record is segmented again.
     """
-    if not study.output.is_file() or (uncertainty and not study.uncertainty_output.is_file()):
+    uncertainty = settings.uncertainty is not None
+    outputs = [study.output, *([study.uncertainty_output] if uncertainty else [])]
+    wanted = _binding(study, model, settings)
+    mode = str(getattr(settings.uncertainty, "value", settings.uncertainty))
+    current = True
+    for path in outputs:
+        if not path.exists():
+            current = False
+            continue
+        record = owned_record(path)
+        if record is None:
+            if overwrite or _damaged_own_output(path):
+                current = False
+                continue
+            return StudyResult(
+                study.name,
+                "error",
+                error=f"{path.name} exists and was not written by spineseg (or was changed since): "
+                "not replaced; use another output directory or --overwrite",
+            )
+        if any(record.get(k) != v for k, v in wanted.items()) or (
+            path != study.output and record.get("uncertainty") != mode
+        ):
+            current = False
+    if not current or not study.source_sha256:
         return None
     started = time.perf_counter()
     try:
@@ -240,6 +337,17 @@ def completed_result(study: Study, classes: Sequence[LabelClass], uncertainty: b
         return None
     volumes = class_volumes(labels, classes)
     return StudyResult(study.name, "skipped", time.perf_counter() - started, study.output.name, volumes)
+
+
+def _damaged_own_output(path: Path) -> bool:
+    """An output with a spineseg record that no longer reads (a killed copy, a truncated file)."""
+    if read_record(path) is None:
+        return False
+    try:
+        read_volume(path)
+    except SpinesegError:
+        return True
+    return False
 
 
 def class_volumes(labels: Volume, classes: Sequence[LabelClass]) -> dict[int, float]:
@@ -265,14 +373,6 @@ class ModelRef:
     def resolve(cls, model: str | os.PathLike) -> ModelRef:
         path = resolve_model(model).resolve()
         return cls(str(model), str(path), file_sha256(path))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _PREDICTORS: dict[str, Predictor] = {}
@@ -350,13 +450,21 @@ def segment_study(
     """
     started = time.perf_counter()
     try:
+        from .preflight import check_segmentable
+
         predictor = cached_predictor(model, settings)
         volume = _read_study(study)
+        check_segmentable(volume)
         result = predictor.predict(volume, cancel)
-        if write_uncertainty and result.uncertainty is not None:
-            write_volume(result.uncertainty, study.uncertainty_output)
-        write_labels(result.labels, study.output)  # last: its presence means the study is done
         assert predictor.model is not None
+        record = dict(_binding(study, model, settings), source=str(study.source), model=model.name)
+        with OutputSet() as outputs:
+            if write_uncertainty and result.uncertainty is not None:
+                mode = str(getattr(settings.uncertainty, "value", settings.uncertainty))
+                unc = make_record("uncertainty", **record, uncertainty=mode)
+                outputs.stage(study.uncertainty_output, lambda p: write_volume(result.uncertainty, p), unc)
+            outputs.stage(study.output, lambda p: write_labels(result.labels, p), make_record("labels", **record))
+            outputs.commit()
         # Measured on the file as written (float32 NIfTI spacing), so a later skipped run reports the same.
         volumes = class_volumes(read_volume(study.output), predictor.model.metadata.classes)
         return StudyResult(study.name, "done", time.perf_counter() - started, study.output.name, volumes)
@@ -495,6 +603,7 @@ def segment_cohort(
     report: str | os.PathLike | None = None,
     cancel: threading.Event | None = None,
     report_interval: float = 1.0,
+    overwrite: bool = False,
 ) -> Generator[CohortProgress, None, list[StudyResult]]:
     """Segment every study under ``input_dir``, yielding a :class:`CohortProgress` per study.
 
@@ -502,7 +611,8 @@ def segment_cohort(
     per Dask task.  Closing the generator or setting ``cancel`` stops the run (pending tasks are
     cancelled; a LocalCluster is shut down); finished outputs and the report stay valid.  Returns
     the results in study order.  The model is resolved here, so a bad model stops everything
-    before any study is read.
+    before any study is read.  ``overwrite`` replaces output files that spineseg did not write
+    (by default such a study is an ``error`` and the file is kept).
     """
     settings = settings or SegmentationSettings()
     model_ref = ModelRef.resolve(model)
@@ -515,19 +625,20 @@ def segment_cohort(
     if not studies:
         raise InputError(f"{root}: no studies found (volume files {', '.join(VOLUME_SUFFIXES)} or DICOM directories)")
     uncertainty = settings.uncertainty is not None
+    studies = [replace(study, source_sha256=source_checksum(study)) for study in studies]
     writer = CohortReport(report or output / REPORT_NAME, studies, classes, report_interval)
     total, done = len(studies), 0
     results: Iterator[StudyResult] | None = None
     try:
         todo = []
         for study in studies:
-            skipped = completed_result(study, classes, uncertainty)
-            if skipped is None:
+            state = resume_state(study, classes, model_ref, settings, overwrite)
+            if state is None:
                 todo.append(study)
                 continue
-            writer.add(skipped)
+            writer.add(state)
             done += 1
-            yield CohortProgress(skipped, done, total)
+            yield CohortProgress(state, done, total)
         writer.flush()
         if scheduler is None:
             results = (

@@ -212,6 +212,7 @@ def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike, g
     path = Path(path).expanduser()
     if path.suffix != MODEL_SUFFIX:
         raise InputError(f"{path}: model files must end in {MODEL_SUFFIX}")
+    check_not_hiding_bundled(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     record = metadata.to_dict()
     if gate is not None:
@@ -415,3 +416,29 @@ def list_models() -> list[ModelInfo]:
 def user_model_path(name: str) -> Path:
     """Where a user model called ``name`` is saved."""
     return user_model_dir() / f"{safe_model_name(name)}{MODEL_SUFFIX}"
+
+
+def bundled_model_names() -> set[str]:
+    """The names of the bundled models (the default model's name always among them)."""
+    directory = bundled_model_dir()
+    names = {p.name[: -len(MODEL_SUFFIX)] for p in directory.glob(f"*{MODEL_SUFFIX}")} if directory.is_dir() else set()
+    return names | {DEFAULT_MODEL_NAME}
+
+
+def check_not_hiding_bundled(path: str | os.PathLike) -> None:
+    """Refuse a model file in the user model folder named like a bundled model: it would hide that model."""
+    path = Path(path).expanduser()
+    name = path.name[: -len(MODEL_SUFFIX)] if path.name.endswith(MODEL_SUFFIX) else ""
+    if not name or name.casefold() not in {n.casefold() for n in bundled_model_names()}:
+        return
+    user = user_model_dir()
+    try:
+        same = os.path.realpath(path.parent) == os.path.realpath(user) or (
+            path.parent.exists() and user.exists() and os.path.samefile(path.parent, user)
+        )
+    except OSError:
+        same = False
+    if same:
+        raise InputError(
+            f"{name!r} is the name of a bundled model: a user model of that name would hide it; choose another name"
+        )

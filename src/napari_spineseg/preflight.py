@@ -67,3 +67,21 @@ def preflight(volume: Volume) -> list[PreflightWarning]:
     if array.size and float(array.max()) == float(array.min()):
         warnings.append(PreflightWarning("constant", "the image is constant: there is nothing to segment"))
     return warnings
+
+
+def check_segmentable(volume: Volume) -> None:
+    """Raise :class:`InputError` for a volume that cannot be a study: no finite value, or constant."""
+    from .errors import InputError
+
+    array = volume.array
+    if not array.size:
+        raise InputError("the image has no voxels")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        return
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise InputError("the image has no finite value (all NaN or infinite): there is nothing to segment")
+    values = array if finite.all() else array[finite]
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise InputError(f"the image is constant ({low:g} everywhere): there is nothing to segment")

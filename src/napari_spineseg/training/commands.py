@@ -75,6 +75,9 @@ def prepare_run(args: argparse.Namespace):
     output = Path(args.output).expanduser()
     if output.suffix != ".safetensors":
         raise InputError(f"{output}: the model file must end in .safetensors")
+    from ..modelfile import check_not_hiding_bundled
+
+    check_not_hiding_bundled(output)  # before training, not after it
     recipe = get_recipe(
         args.recipe,
         **overrides,

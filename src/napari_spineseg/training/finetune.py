@@ -1828,8 +1828,10 @@ def finetuned_output_path(path_or_name: str | Path) -> Path:
 
 
 def check_output_path(path: Path, base_path: Path | None) -> None:
-    """Refuse to write over the base model or into the bundled models."""
-    from ..modelfile import bundled_model_dir
+    """Refuse to write over the base model, into the bundled models or under a bundled model's name."""
+    from ..modelfile import bundled_model_dir, check_not_hiding_bundled
+
+    check_not_hiding_bundled(path)
 
     if base_path is not None and _same_file(path, base_path):
         raise InputError(f"{path}: refusing to overwrite the base model; choose a new name or path")

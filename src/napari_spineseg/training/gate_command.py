@@ -145,6 +145,9 @@ def run_train_gate(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     if output.suffix != ".safetensors":
         raise InputError(f"{output}: the model file must end in .safetensors")
+    from ..modelfile import check_not_hiding_bundled
+
+    check_not_hiding_bundled(output)
     base = load_model(args.model)
     if base.path is not None and output.resolve() == Path(base.path).resolve():
         raise InputError(f"{output}: write the gated model to a new file (the input model is never overwritten)")
