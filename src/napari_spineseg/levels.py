@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -303,9 +304,7 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
     if len(bodies) < 3:
         naming.reason = f"only {len(bodies)} vertebral bodies in view: too few to recognise the sacrum"
         return naming
-    between = [
-        [k for k, d in enumerate(discs) if upper.si < d.si < lower.si] for upper, lower in zip(bodies, bodies[1:])
-    ]
+    between = [[k for k, d in enumerate(discs) if upper.si < d.si < lower.si] for upper, lower in pairwise(bodies)]
     for i, found in enumerate(between):
         if len(found) != 1:
             what = "no disc" if not found else f"{len(found)} discs"
