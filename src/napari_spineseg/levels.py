@@ -67,6 +67,7 @@ SIDECAR_FORMAT = "spineseg-levels"
 MIN_SACRAL_SLOPE = 18.0
 FRAGMENT_FRACTION = 0.1  # components smaller than this fraction of the typical one are fragments
 MERGED_HEIGHT_RATIO = 1.6  # a body taller than this × the median body height is two bodies
+DISC_SPLIT_HEIGHT_RATIO = 1.3  # a body taller than this × the median with a disc inside is split there
 EDGE_MM = 2.0  # an instance this close to the field of view's superior/inferior end is cropped
 
 
@@ -241,10 +242,13 @@ def _split_merged(bodies: list[_Part], discs: list[_Part], size_i: int) -> tuple
     median = float(np.median(whole))
     out, problem = [], ""
     for index, body in enumerate(bodies):
-        if body.extent_mm <= MERGED_HEIGHT_RATIO * median:
+        if body.extent_mm <= DISC_SPLIT_HEIGHT_RATIO * median:
             out.append(body)
             continue
         pieces = _split_by_discs(body, discs)
+        if len(pieces) == 1 and body.extent_mm <= MERGED_HEIGHT_RATIO * median:
+            out.append(body)
+            continue
         lowest = index == len(bodies) - 1  # the sacrum is tall: split only at a disc
         if len(pieces) == 1 and not lowest:
             pieces = _split_by_erosion(body)
