@@ -138,6 +138,8 @@ def _segment_cohort(args: argparse.Namespace, settings: Any) -> int:
         raise InputError("--scheduler segments a cohort: give one input directory")
     if getattr(args, "dicom_seg", None):
         raise InputError("--dicom-seg writes single studies; it is not available for a cohort directory")
+    if getattr(args, "levels", None):
+        raise InputError("--levels names single studies; it is not available for a cohort directory")
     report = Path(args.report or Path(args.output or args.inputs[0]) / REPORT_NAME).expanduser()
     print(f"cohort {args.inputs[0]}: model {args.model}, scheduler {args.scheduler or 'serial'}", file=sys.stderr)
     run = segment_cohort(
@@ -200,6 +202,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 if dicom_seg:
                     write_dicom_seg(result.labels, volume, dicom_seg, model_metadata=model.metadata)
                     print(f"{volume.name}: DICOM-SEG -> {dicom_seg}")
+                if args.levels:
+                    from .levels import segment_levels
+
+                    print(
+                        segment_levels(
+                            result.labels, args.levels, destination, len(volumes) > 1 or len(args.inputs) > 1
+                        )
+                    )
                 if args.uncertainty and result.uncertainty is not None:
                     uncertainty_path = Path(args.uncertainty)
                     if len(volumes) > 1 or len(args.inputs) > 1:
@@ -443,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     segment.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     segment.add_argument("--batch-size", type=int, default=16)
+    segment.add_argument(
+        "--levels",
+        metavar="LEVELS",
+        help="also name the vertebral levels: level map file (or directory) + JSON sidecar beside it (LEVELS.json)",
+    )
     segment.add_argument("--uncertainty", metavar="PATH", help="also write a per-voxel uncertainty map")
     segment.add_argument("--uncertainty-mode", default="disagreement", choices=["disagreement", "entropy"])
     segment.add_argument("--no-postprocess", action="store_true", help="skip per-class post-processing")

@@ -325,7 +325,7 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
     lowest, above = discs[between[-1][0]], discs[between[-2][0]]
     tilt = lowest.sagittal_tilt()
     increment = tilt - above.sagittal_tilt()
-    naming.evidence = {"lowest_disc_tilt": tilt, "tilt_increment": increment}
+    naming.evidence = {"the L5/S1 disc leans": tilt, "more than L4/L5 by": increment}
     if tilt < MIN_SACRAL_SLOPE or increment < MIN_LUMBOSACRAL_INCREMENT or tilt + increment < MIN_LUMBOSACRAL_SCORE:
         naming.reason = (
             f"the lowest disc leans {tilt:.0f}° ({increment:+.0f}° against the disc above), not like an L5/S1 "
@@ -503,23 +503,28 @@ def _with_values(
 
 
 def renumber(result: LevelResult, shift: int) -> LevelResult:
-    """Every body and disc named ``shift`` levels lower (+1: L4 → L5) or higher (-1: L4 → L3).
+    """Every body and disc moved ``shift`` levels down the spine (+1: L3 → L4) or up (-1: L3 → L2).
 
-    A correction by a person: the result is ``named`` with confidence 1 and says so.
+    Levels follow C1..C7, T1..T12, L1..L5, S1 (L6 only where the result already has one), so -1
+    turns S1 into L5 and L5/S1 into L4/L5.  A correction by a person: the result is ``named``
+    with confidence 1 and its reason says so.
     """
     shift = int(shift)
     if not result.named:
         raise InputError(f"levels are uncertain ({result.reason}): nothing to renumber")
+    has_l6 = any(i.value == L6 for i in result.instances)
+    sequence = list(range(1, S1 + 1)) if has_l6 else [*range(1, L5 + 1), S1]
     values = []
     for instance in result.instances:
         if not instance.value:
             values.append(0)
             continue
-        base = instance.value - DISC_OFFSET if instance.kind == "disc" else instance.value
-        if not 1 <= base + shift <= S1 or (instance.kind == "disc" and base + shift == S1):
+        disc = instance.kind == "disc"
+        position = sequence.index(instance.value - DISC_OFFSET if disc else instance.value) + shift
+        if not 0 <= position < len(sequence) - (1 if disc else 0):
             raise InputError(f"renumbering {instance.name} by {shift:+d} leaves C1..S1")
-        values.append(base + shift + (DISC_OFFSET if instance.kind == "disc" else 0))
-    reason = f"renumbered by {shift:+d} level{'s' if abs(shift) != 1 else ''} by hand ({result.reason})"
+        values.append(sequence[position] + (DISC_OFFSET if disc else 0))
+    reason = f"renumbered by {shift:+d} by hand (was: {result.reason})"
     return _with_values(result, values, NAMED, reason, 1.0)
 
 
@@ -610,3 +615,29 @@ def _instance_map(level_map: np.ndarray, instances: list[LevelInstance]) -> np.n
         if instance.value:
             lookup[instance.value] = number
     return lookup[np.clip(level_map, 0, len(lookup) - 1)]
+
+
+def segment_levels(labels: Volume, option: str | os.PathLike, destination: Path, several: bool) -> str:
+    """``spineseg segment --levels LEVELS``: name the levels of ``labels`` and write the level map and
+    its JSON sidecar; returns the line to print.
+
+    ``LEVELS`` is the level-map file (a label format, like ``-o``) for one study, or a directory
+    (always with several studies) receiving ``<name>_levels<suffix of the segmentation>``.
+    """
+    from .io import LABEL_SUFFIXES, strip_suffix, volume_suffix
+
+    path = Path(option).expanduser()
+    if several or path.is_dir():
+        name = strip_suffix(destination)
+        name = name[: -len("_seg")] if name.endswith("_seg") else name
+        suffix = volume_suffix(destination) if volume_suffix(destination) in LABEL_SUFFIXES else ".nii.gz"
+        path = path / f"{name}_levels{suffix}"
+    elif volume_suffix(path) not in LABEL_SUFFIXES:
+        raise InputError(f"{path}: --levels writes a label file ({', '.join(LABEL_SUFFIXES)}) or into a directory")
+    result = identify_levels(labels)
+    sidecar = write_levels(result, path, labels.geometry)
+    if result.named:
+        what = " ".join(i.name for i in result.instances if i.kind == "body" and i.name)
+    else:
+        what = f"uncertain ({result.reason})"
+    return f"{labels.name}: levels {what} -> {path} (+ {sidecar.name})"

@@ -1,0 +1,215 @@
+"""Vertebral level identification: numbering, the sacrum anchor, "uncertain", corrections and files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_spineseg.errors import InputError
+from napari_spineseg.io import read_volume
+from napari_spineseg.levels import (
+    identify_levels,
+    level_name,
+    level_value,
+    mark_uncertain,
+    read_levels,
+    renumber,
+    sidecar_path,
+    write_levels,
+)
+from napari_spineseg.phantom import make_phantom
+from napari_spineseg.schema import INTERVERTEBRAL_DISC, LESION, VERTEBRAL_BODY
+from napari_spineseg.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A T2 phantom (T10..S1 in view, lordotic, two lesions) whose lumbosacral junction is recognisable."""
+    return make_phantom(seed=0, contrast="T2", lesions=2)
+
+
+def _centre(phantom, name: str) -> tuple[int, int, int] | None:
+    """Array index (z, y, x) of a level's centre, or None outside the grid."""
+    x, y, z = (int(round(c)) for c in phantom.labels.metadata["level_centres_index"][name])
+    shape = phantom.labels.array.shape
+    return (z, y, x) if 0 <= z < shape[0] and 0 <= y < shape[1] and 0 <= x < shape[2] else None
+
+
+def test_level_values_follow_the_verse_numbering() -> None:
+    assert [level_value(n) for n in ("C1", "C7", "T1", "T12", "L1", "L5", "L6", "S1")] == [1, 7, 8, 19, 20, 24, 25, 26]
+    assert level_value("L4/L5") == 123 and level_value("L5/S1") == 124 and level_value("T12/L1") == 119
+    assert level_name(22) == "L3" and level_name(124) == "L5/S1" and level_name(124, has_l6=True) == "L5/L6"
+    assert level_name(125) == "L6/S1" and level_name(107) == "C7/T1"
+    with pytest.raises(InputError):
+        level_value("X3")
+    with pytest.raises(InputError):
+        level_name(99)
+
+
+def test_phantom_levels_are_named_t10_to_s1(phantom) -> None:
+    result = identify_levels(phantom.labels)
+    assert result.status == "named", result.reason
+    bodies = [i.name for i in result.instances if i.kind == "body"]
+    assert bodies == phantom.levels  # T10 .. S1, superior -> inferior
+    discs = [i.name for i in result.instances if i.kind == "disc"]
+    assert discs[-3:] == ["L3/L4", "L4/L5", "L5/S1"]
+    checked = 0
+    for name in phantom.levels:
+        centre = _centre(phantom, name)
+        if centre is not None and phantom.labels.array[centre] == VERTEBRAL_BODY:
+            assert result.level_map[centre] == level_value(name), name
+            checked += 1
+    assert checked >= 8
+    # Only body and disc voxels carry levels; every one of the bodies and discs in the chain does.
+    labels = phantom.labels.array
+    assert set(np.unique(labels[result.level_map > 0])) <= {VERTEBRAL_BODY, INTERVERTEBRAL_DISC}
+    assert np.all(result.level_map[(labels == LESION)] == 0)
+    assert set(np.unique(result.level_map[result.level_map < 100]).tolist()) == {0, *map(level_value, bodies)}
+    disc_values = np.unique(result.level_map[labels == INTERVERTEBRAL_DISC])
+    assert {level_value(d) for d in discs} <= set(disc_values.tolist())
+    # Measurements: lumbar bodies are 20-35 mm tall, discs 5-20 mm.
+    l3 = result.instance("L3")
+    assert l3 is not None and 20 < l3.height_mm < 35 and l3.confidence > 0.5 and l3.volume_mm3 > 10000
+    assert 5 < result.instance("L3/L4").height_mm < 20
+
+
+def test_lesions_are_located_by_level(phantom) -> None:
+    result = identify_levels(phantom.labels)
+    lesions, count = ndimage.label(phantom.labels.array == LESION)
+    assert count == len(phantom.lesion_levels) == 2
+    found = sorted(result.level_of(lesions == k) for k in range(1, count + 1))
+    assert found == sorted(phantom.lesion_levels)
+
+
+def _cropped(phantom, last_row: int) -> Volume:
+    """The phantom's labels with the field of view ending at ``last_row`` (PIR: array axis 1 runs inferior)."""
+    array = np.ascontiguousarray(phantom.labels.array[:, :last_row, :])
+    geometry = phantom.labels.geometry
+    return Volume.from_array(array, geometry.spacing, geometry.origin, geometry.direction, name="cropped")
+
+
+def test_uncertain_when_the_sacrum_is_cropped_away(phantom) -> None:
+    l5 = _centre(phantom, "L5")
+    s1 = _centre(phantom, "S1")
+    for last_row in (l5[1] + 3, (l5[1] + s1[1]) // 2):  # through L5; through the L5/S1 disc
+        result = identify_levels(_cropped(phantom, last_row))
+        assert result.status == "uncertain"
+        assert result.reason
+        assert not result.level_map.any()
+        assert all(i.value == 0 and i.name == "" and i.confidence == 0 for i in result.instances)
+        assert result.instances  # still listed, unnamed
+
+
+def test_body_only_disc_only_and_empty_maps_are_uncertain(phantom) -> None:
+    labels = phantom.labels
+    bodies = labels.with_array(np.where(labels.array == VERTEBRAL_BODY, 1, 0).astype(np.uint8))
+    discs = labels.with_array(np.where(labels.array == INTERVERTEBRAL_DISC, 2, 0).astype(np.uint8))
+    empty = labels.with_array(np.zeros_like(labels.array))
+    assert "no intervertebral disc" in identify_levels(bodies).reason
+    assert "no vertebral body" in identify_levels(discs).reason
+    assert identify_levels(empty).status == "uncertain"
+    with pytest.raises(InputError):
+        identify_levels(np.zeros((4, 4, 4), np.uint8))  # no geometry
+
+
+def test_bodies_merged_across_a_disc_are_split(phantom) -> None:
+    """A bridge of body voxels through the L3/L4 disc merges L3 and L4: they are split at the disc."""
+    array = phantom.labels.array.copy()
+    l3, l4 = _centre(phantom, "L3"), _centre(phantom, "L4")
+    z, x = l3[0], (l3[2] + l4[2]) // 2
+    array[z - 2 : z + 3, l3[1] : l4[1], x - 2 : x + 3] = VERTEBRAL_BODY
+    bridged = phantom.labels.with_array(array)
+    assert ndimage.label(array == VERTEBRAL_BODY)[0][l3] == ndimage.label(array == VERTEBRAL_BODY)[0][l4]
+    result = identify_levels(bridged)
+    assert result.status == "named", result.reason
+    assert result.level_map[l3] == level_value("L3") and result.level_map[l4] == level_value("L4")
+    assert [i.name for i in result.instances if i.kind == "body"] == phantom.levels
+
+
+def test_renumbering_round_trips_through_the_writer(phantom, tmp_path: Path) -> None:
+    result = identify_levels(phantom.labels)
+    up = renumber(result, -1)  # every name one level higher: S1 -> L5, L5/S1 -> L4/L5, T10 -> T9
+    assert up.status == "named" and "renumbered by -1" in up.reason
+    assert [i.name for i in up.instances if i.kind == "body"][-3:] == ["L3", "L4", "L5"]
+    assert up.instance("L4/L5") is not None and up.instance("S1") is None
+    l5 = _centre(phantom, "L5")
+    assert up.level_map[l5] == level_value("L4")
+    path = tmp_path / "levels.nii.gz"
+    sidecar = write_levels(up, path, phantom.labels)
+    assert sidecar == tmp_path / "levels.json" == sidecar_path(path)
+    record = json.loads(sidecar.read_text())
+    assert record["status"] == "named" and record["uncertain"] is False
+    assert record["labels"]["123"] == "L4/L5" and record["labels"]["24"] == "L5"
+    back = read_levels(path)
+    assert read_volume(path).geometry.is_close(phantom.labels.geometry)
+    assert np.array_equal(back.level_map, up.level_map)
+    assert [(i.name, i.kind) for i in back.instances] == [(i.name, i.kind) for i in up.instances]
+    again = renumber(back, +1)  # and back again
+    assert np.array_equal(again.level_map, result.level_map)
+    assert [i.name for i in again.instances] == [i.name for i in result.instances]
+    with pytest.raises(InputError):
+        renumber(result, +1)  # S1 cannot move further down
+
+
+def test_mark_uncertain_clears_names_and_is_written(phantom, tmp_path: Path) -> None:
+    result = mark_uncertain(identify_levels(phantom.labels), "checked by hand: transitional L5")
+    assert result.status == "uncertain" and result.reason == "checked by hand: transitional L5"
+    assert not result.level_map.any() and not result.names()
+    with pytest.raises(InputError):
+        renumber(result, 1)
+    sidecar = write_levels(result, tmp_path / "levels.mha", phantom.labels)
+    record = json.loads(sidecar.read_text())
+    assert record["uncertain"] is True and record["reason"] == "checked by hand: transitional L5"
+    assert record["labels"] == {} and len(record["instances"]) == len(result.instances)
+    assert read_levels(tmp_path / "levels.mha").status == "uncertain"
+
+
+# --- real data -----------------------------------------------------------------------------------
+def test_real_ground_truth_maps_alone_are_uncertain(data_dir: Path) -> None:
+    """VB3 labels bodies L1..L5 only, IVD discs only, neither the sacrum: no anchor, so no names."""
+    vb3 = read_volume(data_dir / "lumbar-mri" / "VB3" / "01_seg.nii.gz")
+    ivd = read_volume(data_dir / "lumbar-mri" / "IVD" / "11_seg.nii.gz")
+    bodies = identify_levels(vb3.with_array(np.where(vb3.array > 0, 1, 0).astype(np.uint8)))
+    discs = identify_levels(ivd.with_array(np.where(ivd.array > 0, 2, 0).astype(np.uint8)))
+    assert bodies.status == discs.status == "uncertain"
+    assert len([i for i in bodies.instances if i.kind == "body"]) == 5  # five separate bodies, none merged
+    assert len(discs.instances) == 5
+
+
+@pytest.mark.slow
+def test_cli_segment_names_the_levels_of_a_held_out_real_study(data_dir: Path, tmp_path: Path) -> None:
+    """The bundled model on VB3-01 (never trained on): L1..L5 named as the ground truth says."""
+    from napari_spineseg.cli import main
+
+    study = data_dir / "lumbar-mri" / "VB3" / "01_img.nii.gz"
+    levels = tmp_path / "out" / "01_levels.nii.gz"
+    args = ["segment", str(study), "-o", str(tmp_path / "out" / "01_seg.nii.gz"), "--levels", str(levels)]
+    assert main([*args, "--device", "cpu", "-q"]) == 0
+    result = read_levels(levels)
+    assert result.status == "named", result.reason
+    assert read_volume(levels).geometry == read_volume(study).geometry
+    truth = read_volume(data_dir / "lumbar-mri" / "VB3" / "01_seg.nii.gz").array
+    for label in range(1, 6):  # 1..5 = L1..L5
+        values = result.level_map[truth == label]
+        assert np.bincount(values[values > 0]).argmax() == 19 + label
+    assert json.loads((tmp_path / "out" / "01_levels.json").read_text())["labels"]["124"] == "L5/S1"
+
+
+@pytest.mark.slow
+def test_held_out_ivd_discs_are_named(data_dir: Path) -> None:
+    """The bundled model on IVD-11 (never trained on): discs L5/S1..L1/L2 (values 1..5) named."""
+    from napari_spineseg.inference import Predictor, SegmentationSettings
+
+    predictor = Predictor(SegmentationSettings(device="cpu"))
+    predictor.load("spineseg-default")
+    study = read_volume(data_dir / "lumbar-mri" / "IVD" / "11_img.nii.gz")
+    result = identify_levels(predictor.predict(study).labels)
+    assert result.status == "named", result.reason
+    truth = read_volume(data_dir / "lumbar-mri" / "IVD" / "11_seg.nii.gz").array
+    for label in range(1, 6):  # 1 = L5/S1 (124) .. 5 = L1/L2 (120)
+        values = result.level_map[truth == label]
+        assert np.bincount(values[values > 100]).argmax() == 125 - label
