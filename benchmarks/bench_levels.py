@@ -170,7 +170,8 @@ def main() -> int:
     for s in summary:
         print(
             f"{s['dataset']:8} {s['input']:9} {s['split']:9} {s['cases']:5d} {s['named_cases']:5d} "
-            f"{s['labelled']:8d} {s['correct_pct']:9.1f} {s['wrong']:5d}  merged {s['merged']} split {s['split_bodies']}"
+            f"{s['labelled']:8d} {s['correct_pct']:9.1f} {s['wrong']:5d}  "
+            f"merged {s['merged']} split {s['split_bodies']}"
         )
     times = [r["levels_s"] for r in rows if r["input"] == "model"]
     print(f"identify_levels: median {np.median(times):.2f} s, max {np.max(times):.2f} s per study")

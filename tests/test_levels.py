@@ -34,7 +34,7 @@ def phantom():
 
 def _centre(phantom, name: str) -> tuple[int, int, int] | None:
     """Array index (z, y, x) of a level's centre, or None outside the grid."""
-    x, y, z = (int(round(c)) for c in phantom.labels.metadata["level_centres_index"][name])
+    x, y, z = (round(c) for c in phantom.labels.metadata["level_centres_index"][name])
     shape = phantom.labels.array.shape
     return (z, y, x) if 0 <= z < shape[0] and 0 <= y < shape[1] and 0 <= x < shape[2] else None
 
@@ -213,3 +213,20 @@ def test_held_out_ivd_discs_are_named(data_dir: Path) -> None:
     for label in range(1, 6):  # 1 = L5/S1 (124) .. 5 = L1/L2 (120)
         values = result.level_map[truth == label]
         assert np.bincount(values[values > 100]).argmax() == 125 - label
+
+
+def test_report_names_levels_or_says_why_not(phantom) -> None:
+    from napari_spineseg.report import build_report
+
+    report = build_report(phantom.image, phantom.labels, overlay=False)
+    assert [r["name"] for r in report["levels"] if r["value"] == VERTEBRAL_BODY] == phantom.levels
+    assert "L4/L5" in [r["name"] for r in report["levels"]]
+    assert sorted(x["level"] for x in report["lesions"]) == sorted(phantom.lesion_levels)
+    assert all(f"in {name}" in report["lesion_summary"] for name in phantom.lesion_levels)
+    l5 = _centre(phantom, "L5")
+    cropped = _cropped(phantom, l5[1] + 3)
+    image = Volume(np.ascontiguousarray(phantom.image.array[:, : l5[1] + 3, :]), cropped.geometry)
+    report = build_report(image, cropped, overlay=False)
+    assert report["level_identification"]["status"] == "uncertain"
+    assert report["level_naming"].startswith("Levels uncertain (")
+    assert report["levels"][0]["name"] in ("body 1", "disc above body 1")

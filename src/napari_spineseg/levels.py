@@ -641,3 +641,40 @@ def segment_levels(labels: Volume, option: str | os.PathLike, destination: Path,
     else:
         what = f"uncertain ({result.reason})"
     return f"{labels.name}: levels {what} -> {path} (+ {sidecar.name})"
+
+
+# --- reports -------------------------------------------------------------------------------------
+MATCH_MM = 10.0  # a review structure and a level instance are one when their centres are this close (S-I)
+
+
+def name_review(review: Any, result: LevelResult) -> tuple[Any, str]:
+    """A :class:`~napari_spineseg.review.LabelReview` with anatomical names (``"L3"``, ``"L4/L5"``,
+    lesions "in L3") where ``result`` is named, and the sentence saying how levels were named."""
+    from dataclasses import replace as _replace
+
+    if not result.named or result.geometry is None:
+        note = (
+            f"Levels uncertain ({result.reason}): counted from the most superior labelled vertebral body "
+            "(body 1) downwards, not anatomically identified."
+        )
+        return review, note
+    centres = np.array([i.centroid[::-1] for i in result.instances], float).reshape(-1, 3)
+    superior = result.geometry.index_to_lps(centres)[:, 2] if len(centres) else np.zeros(0)
+    renamed, used, new_names = [], set(), {}
+    for structure in review.levels:
+        kind = "body" if structure.value == VERTEBRAL_BODY else "disc"
+        candidates = [
+            (abs(superior[k] - structure.superior_mm), k)
+            for k, instance in enumerate(result.instances)
+            if instance.kind == kind and instance.value and k not in used
+        ]
+        distance, best = min(candidates, default=(np.inf, -1))
+        if distance <= MATCH_MM:
+            used.add(best)
+            new_names[structure.name] = result.instances[best].name
+            structure = _replace(structure, name=result.instances[best].name)
+        renamed.append(structure)
+    lesions = [_replace(x, host=new_names.get(x.host, x.host)) if x.host else x for x in review.lesions]
+    confidence = min((i.confidence for i in result.instances if i.value), default=0.0)
+    note = f"Levels named anatomically, {result.reason} (lowest confidence {confidence:.2f})."
+    return _replace(review, levels=renamed, lesions=lesions), note

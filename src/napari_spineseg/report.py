@@ -158,6 +158,10 @@ def build_report(
     present = [int(v) for v in np.unique(array) if v != BACKGROUND]
     classes = _report_classes(model_metadata, present)
     review = review_labels(array, labels.geometry, classes)
+    from .levels import identify_levels, name_review
+
+    level_result = identify_levels(array, labels.geometry)
+    review, level_naming = name_review(review, level_result)
     by_value = {c.value: c for c in review.classes}
     voxel_ml = float(np.prod(labels.geometry.spacing)) / 1000.0
     class_rows = []
@@ -235,7 +239,8 @@ def build_report(
         "segmentation": {"name": labels.name, "label_values": present, "voxel_ml": voxel_ml},
         "classes": class_rows,
         "levels": levels,
-        "level_naming": LEVEL_NAMING,
+        "level_naming": level_naming,
+        "level_identification": {"status": level_result.status, "reason": level_result.reason},
         "fragments": {class_names[v]: n for v, n in review.fragments.items() if n},
         "lesions": lesions,
         "lesion_summary": NO_LESION if not lesions else review.lesion_message(),
