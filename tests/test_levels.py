@@ -230,3 +230,34 @@ def test_report_names_levels_or_says_why_not(phantom) -> None:
     assert report["level_identification"]["status"] == "uncertain"
     assert report["level_naming"].startswith("Levels uncertain (")
     assert report["levels"][0]["name"] in ("body 1", "disc above body 1")
+
+
+def test_cli_segment_levels_writes_map_and_sidecar_even_when_uncertain(phantom, tmp_path: Path, capsys) -> None:
+    """A tiny untrained model finds no spine: the level map (study geometry) and an "uncertain" sidecar."""
+    import torch
+
+    from napari_spineseg.cli import main
+    from napari_spineseg.io import write_volume
+    from napari_spineseg.modelfile import ModelMetadata, save_model
+    from napari_spineseg.models import build_model
+
+    torch.manual_seed(0)
+    network = build_model("unet", in_channels=1, num_classes=5, base=4, depth=2)
+    metadata = ModelMetadata("tiny", "unet", network.arch_kwargs, preprocess={"pixel_spacing_mm": 4.0})
+    model = save_model(network, metadata, tmp_path / "tiny.safetensors")
+    study = write_volume(phantom.image, tmp_path / "study.nrrd")
+    common = ["--model", str(model), "--planes", "sagittal", "--device", "cpu", "-q"]
+    assert (
+        main(["segment", str(study), "-o", str(tmp_path / "seg.nrrd"), "--levels", str(tmp_path / "lv.nrrd"), *common])
+        == 0
+    )
+    assert "levels uncertain" in capsys.readouterr().out
+    assert read_volume(tmp_path / "lv.nrrd").geometry.is_close(phantom.image.geometry)
+    record = json.loads((tmp_path / "lv.json").read_text())
+    assert record["uncertain"] is True and record["reason"] and record["labels"] == {}
+    # A file name that is no label format is refused with one line.
+    assert (
+        main(["segment", str(study), "-o", str(tmp_path / "s2.nrrd"), "--levels", str(tmp_path / "x.txt"), *common])
+        == 1
+    )
+    assert "--levels" in capsys.readouterr().err
