@@ -261,3 +261,25 @@ def test_cli_segment_levels_writes_map_and_sidecar_even_when_uncertain(phantom, 
         == 1
     )
     assert "--levels" in capsys.readouterr().err
+
+
+def test_dicom_seg_has_one_coded_segment_per_level_and_reads_back(phantom, tmp_path: Path) -> None:
+    import pydicom
+
+    from napari_spineseg.dicomseg import read_dicom_seg, write_dicom_series
+    from napari_spineseg.io import read_volumes
+    from napari_spineseg.levels import level_classes, write_levels_dicom_seg
+
+    write_dicom_series(phantom.image, tmp_path / "series")
+    (study,) = read_volumes(tmp_path / "series")
+    assert study.geometry.is_close(phantom.labels.geometry)
+    result = identify_levels(phantom.labels.array, study.geometry)
+    path = write_levels_dicom_seg(result, study, tmp_path / "levels.dcm")
+    segments = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0] for s in pydicom.dcmread(path).SegmentSequence}
+    assert set(segments) == set(result.names().values())
+    assert (segments["L3"].CodeValue, segments["L3"].CodeMeaning) == ("36470004", "L3 vertebra")
+    assert segments["L4/L5"].CodeMeaning == "L4/L5 disc" and segments["S1"].CodeMeaning == "Sacrum"
+    back = read_dicom_seg(path, study, classes=level_classes(result))
+    assert np.array_equal(back.array, result.level_map)
+    with pytest.raises(InputError):
+        write_levels_dicom_seg(mark_uncertain(result, "unsure"), study, tmp_path / "none.dcm")

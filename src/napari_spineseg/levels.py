@@ -65,6 +65,7 @@ SIDECAR_FORMAT = "spineseg-levels"
 # sagittal plane the L5/S1 disc leans at least MIN_SACRAL_SLOPE degrees from axial and more than
 # the disc above it (true L5/S1 discs: 20-47 degrees; L4/L5 discs: 3-25 degrees).
 MIN_SACRAL_SLOPE = 18.0
+MAX_SACRAL_SLOPE = 65.0  # steeper is no disc plane but a segmentation error
 FRAGMENT_FRACTION = 0.1  # components smaller than this fraction of the typical one are fragments
 MERGED_HEIGHT_RATIO = 1.6  # a body taller than this × the median body height is two bodies
 DISC_SPLIT_HEIGHT_RATIO = 1.3  # a body taller than this × the median with a disc inside is split there
@@ -306,7 +307,8 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
         naming.reason = "no intervertebral disc in the segmentation: the L5/S1 disc cannot be recognised"
         return naming
     if len(bodies) < 3:
-        naming.reason = f"only {len(bodies)} vertebral bodies in view: too few to recognise the sacrum"
+        plural = "y" if len(bodies) == 1 else "ies"
+        naming.reason = f"only {len(bodies)} vertebral bod{plural} in view: too few to recognise the sacrum"
         return naming
     between = [[k for k, d in enumerate(discs) if upper.si < d.si < lower.si] for upper, lower in pairwise(bodies)]
     for i, found in enumerate(between):
@@ -326,7 +328,11 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
     tilt = lowest.sagittal_tilt()
     increment = tilt - above.sagittal_tilt()
     naming.evidence = {"the L5/S1 disc leans": tilt, "more than L4/L5 by": increment}
-    if tilt < MIN_SACRAL_SLOPE or increment < MIN_LUMBOSACRAL_INCREMENT or tilt + increment < MIN_LUMBOSACRAL_SCORE:
+    if (
+        not MIN_SACRAL_SLOPE <= tilt <= MAX_SACRAL_SLOPE
+        or increment < MIN_LUMBOSACRAL_INCREMENT
+        or tilt + increment < MIN_LUMBOSACRAL_SCORE
+    ):
         naming.reason = (
             f"the lowest disc leans {tilt:.0f}° ({increment:+.0f}° against the disc above), not like an L5/S1 "
             "disc: the sacrum is not recognised (cropped field of view?)"
@@ -678,3 +684,53 @@ def name_review(review: Any, result: LevelResult) -> tuple[Any, str]:
     confidence = min((i.confidence for i in result.instances if i.value), default=0.0)
     note = f"Levels named anatomically, {result.reason} (lowest confidence {confidence:.2f})."
     return _replace(review, levels=renamed, lesions=lesions), note
+
+
+# --- DICOM-SEG -----------------------------------------------------------------------------------
+def _pydicom_level_code(name: str) -> tuple[str, str, str] | None:
+    """pydicom's bundled SNOMED CT concept for a level (``L3Vertebra``, ``L4L5Disc``, ``Sacrum``), if any."""
+    from pydicom.sr.codedict import codes
+
+    keyword = "Sacrum" if name == "S1" else name.replace("/", "") + ("Disc" if "/" in name else "Vertebra")
+    try:
+        code = getattr(codes.SCT, keyword)
+    except AttributeError:
+        return None
+    return (str(code.value), str(code.scheme_designator), str(code.meaning))
+
+
+def level_classes(result: LevelResult) -> list[Any]:
+    """One :class:`~napari_spineseg.schema.LabelClass` per named level (value, ``"L3"``, colour)."""
+    from .schema import LabelClass
+
+    colours = ((0.90, 0.75, 0.20, 1.0), (0.95, 0.55, 0.15, 1.0), (0.80, 0.85, 0.25, 1.0))
+    return [
+        LabelClass(i.value, i.name, (0.20, 0.60, 1.00, 1.0) if i.kind == "disc" else colours[i.value % 3])
+        for i in result.instances
+        if i.value
+    ]
+
+
+def write_levels_dicom_seg(
+    result: LevelResult, source: Any, path: str | os.PathLike, model_metadata: Any = None
+) -> Path:
+    """The level map as a DICOM Segmentation: one segment per named level, labelled ``"L3"``,
+    ``"L4/L5"``, coded with pydicom's SNOMED CT concept of that level where it has one (else the
+    generic vertebral body / intervertebral disc concept; the level stays in the segment label).
+    ``source`` is the study's DICOM series (see :func:`~napari_spineseg.dicomseg.write_dicom_seg`)."""
+    from .dicomseg import SEGMENT_CODES, SegmentCoding, write_dicom_seg
+
+    if not result.named:
+        raise InputError(f"levels are uncertain ({result.reason}): no level to export")
+    if result.geometry is None:
+        raise InputError("the level result has no geometry")
+    codings = {}
+    for instance in result.instances:
+        if instance.value:
+            generic = SEGMENT_CODES["vertebral body" if instance.kind == "body" else "intervertebral disc"]
+            code = _pydicom_level_code(instance.name)
+            codings[instance.value] = SegmentCoding(generic.category, code) if code else generic
+    levels = Volume(result.level_map, result.geometry, name="levels")
+    return write_dicom_seg(
+        levels, source, path, classes=level_classes(result), model_metadata=model_metadata, codings=codings
+    )
