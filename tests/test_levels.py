@@ -283,3 +283,20 @@ def test_dicom_seg_has_one_coded_segment_per_level_and_reads_back(phantom, tmp_p
     assert np.array_equal(back.array, result.level_map)
     with pytest.raises(InputError):
         write_levels_dicom_seg(mark_uncertain(result, "unsure"), study, tmp_path / "none.dcm")
+
+
+def test_napari_levels_layer_names_levels_on_hover(phantom) -> None:
+    from napari.layers import Labels
+
+    from napari_spineseg._napari_layers import LEVELS_KEY, levels_layer_data
+
+    result = identify_levels(phantom.labels)
+    data, kwargs, kind = levels_layer_data(result, "study levels")
+    layer = Labels(data, **kwargs)
+    assert kind == "labels" and np.array_equal(layer.data, result.level_map)
+    names = dict(zip(layer.features["index"], layer.features["name"]))
+    assert names[22] == "L3" and names[123] == "L4/L5" and names[0] == "background"
+    assert kwargs["metadata"][LEVELS_KEY]["status"] == "named"
+    l3 = _centre(phantom, "L3")
+    assert names[int(layer.data[l3])] == "L3"  # hover shows the features name of the value under the cursor
+    assert np.allclose(layer.scale, phantom.labels.geometry.spacing_zyx)
