@@ -300,3 +300,13 @@ def test_napari_levels_layer_names_levels_on_hover(phantom) -> None:
     l3 = _centre(phantom, "L3")
     assert names[int(layer.data[l3])] == "L3"  # hover shows the features name of the value under the cursor
     assert np.allclose(layer.scale, phantom.labels.geometry.spacing_zyx)
+
+
+def test_a_renumbered_result_carries_to_the_report(phantom) -> None:
+    from napari_spineseg.report import build_report
+
+    shifted = renumber(identify_levels(phantom.labels), -1)
+    report = build_report(phantom.image, phantom.labels, overlay=False, levels=shifted)
+    bodies = [r["name"] for r in report["levels"] if r["value"] == VERTEBRAL_BODY]
+    assert bodies[-2:] == ["L4", "L5"]  # was L5, S1
+    assert "renumbered by -1" in report["level_naming"]
