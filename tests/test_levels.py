@@ -310,3 +310,18 @@ def test_a_renumbered_result_carries_to_the_report(phantom) -> None:
     bodies = [r["name"] for r in report["levels"] if r["value"] == VERTEBRAL_BODY]
     assert bodies[-2:] == ["L4", "L5"]  # was L5, S1
     assert "renumbered by -1" in report["level_naming"]
+
+
+def test_nothing_is_named_above_a_gap_in_the_alternation(phantom) -> None:
+    """Without the T11/T12 disc the count cannot cross it: T12..S1 named, the bodies above not."""
+    array = phantom.labels.array.copy()
+    t11, t12 = _centre(phantom, "T11"), _centre(phantom, "T12")
+    discs, _ = ndimage.label(array == INTERVERTEBRAL_DISC)
+    between = discs[:, t11[1] : t12[1], :]
+    (gap,) = [v for v in np.unique(between[between > 0]) if (between == v).sum() > 0.5 * (discs == v).sum()]
+    array[discs == gap] = 0
+    result = identify_levels(phantom.labels.with_array(array))
+    assert result.status == "named" and "not named" in result.reason
+    bodies = [i.name for i in result.instances if i.kind == "body"]
+    assert bodies == ["", "", *phantom.levels[2:]]  # T10, T11 unnamed; T12 .. S1
+    assert result.level_map[t11] == 0 and result.level_map[t12] == level_value("T12")

@@ -5,12 +5,12 @@ output is needed.  Bodies and discs become instances (connected components in th
 ``LPI`` orientation; merged bodies split at the disc between them or where they narrow;
 fragments dropped) ordered superior → inferior.  The count is anchored on the sacrum: the
 lowest body instance is the sacrum (S1) when a disc separates it from the body above, no disc
-lies below it, the field of view goes on below it and its upper endplate (the L5/S1 disc) is
-steeply tilted compared with the lumbar discs above.  The body above is then L5, and the others
-are counted up from there.  Whenever that evidence is missing or ambiguous (sacrum cropped away,
-body-only or disc-only maps, a gap in the body/disc alternation, a body that looks like two,
-more bodies than T1..L5 allow) the result is *uncertain*, says why and names nothing: a wrong
-level is worse than none.
+lies below it, and that disc (L5/S1) leans steeply in the sagittal plane and more than the disc
+above it.  The body above is then L5, and the others are counted up from there as long as
+bodies and discs alternate (above a gap nothing is named).  Whenever that evidence is missing or
+ambiguous (sacrum cropped away or not segmented, body-only or disc-only maps, a rudimentary
+lowest disc, a body that looks like two, more bodies than C1..L5 allow) the result is
+*uncertain*, says why and names nothing: a wrong level is worse than none.
 
 Numbering (VerSe / SPINEPS): C1..C7 = 1..7, T1..T12 = 8..19, L1..L5 = 20..24, L6 = 25, S1 = 26;
 each disc is 100 + the value of the vertebra above it (L4/L5 = 123, L5/S1 = 124); 0 elsewhere.
@@ -290,6 +290,7 @@ class _Naming:
     confidence: float = 0.0
     reason: str = ""
     evidence: dict[str, float] = field(default_factory=dict)
+    note: str = ""  # said with a named result (e.g. bodies above a gap left unnamed)
 
 
 MIN_LUMBOSACRAL_INCREMENT = 8.0  # the L5/S1 disc leans this much more than L4/L5 at least
@@ -311,14 +312,21 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
         naming.reason = f"only {len(bodies)} vertebral bod{plural} in view: too few to recognise the sacrum"
         return naming
     between = [[k for k, d in enumerate(discs) if upper.si < d.si < lower.si] for upper, lower in pairwise(bodies)]
-    for i, found in enumerate(between):
-        if len(found) != 1:
-            what = "no disc" if not found else f"{len(found)} discs"
-            naming.reason = (
-                f"{what} between vertebral bodies {i + 1} and {i + 2} (counted from the top): "
-                "a body or disc is missing or merged"
-            )
+    # Count up from the sacrum only as far as bodies and discs alternate: above a gap nothing is named.
+    irregular = [i for i, found in enumerate(between) if len(found) != 1]
+    first = irregular[-1] + 1 if irregular else 0
+    if irregular:
+        gap = irregular[-1]
+        what = "no disc" if not between[gap] else f"{len(between[gap])} discs"
+        naming.note = (
+            f"{what} between vertebral bodies {gap + 1} and {gap + 2} (counted from the top): "
+            "a body or disc is missing or merged"
+        )
+        if len(bodies) - first < 3:
+            naming.reason = naming.note
             return naming
+        unnamed = "body 1" if first == 1 else f"bodies 1..{first}"
+        naming.note = f"{unnamed} (counted from the top) not named: {naming.note}"
     typical_disc = float(np.median([len(d.voxels) for d in discs]))
     below = [d for d in discs + stray_discs if d.si > bodies[-1].si and len(d.voxels) >= 0.1 * typical_disc]
     if below:
@@ -343,8 +351,8 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
             "the lowest disc is rudimentary: possible transitional lumbosacral vertebra (L6 / sacralisation)"
         )
         return naming
-    if len(bodies) - 1 > L5:
-        naming.reason = f"{len(bodies) - 1} vertebral bodies above the sacrum: more than C1..L5"
+    if len(bodies) - first - 1 > L5:
+        naming.reason = f"{len(bodies) - first - 1} vertebral bodies above the sacrum: more than C1..L5"
         return naming
     margins = (
         (tilt - MIN_SACRAL_SLOPE) / 10.0,
@@ -352,11 +360,12 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
         (tilt + increment - MIN_LUMBOSACRAL_SCORE) / 15.0,
     )
     naming.confidence = round(0.5 + 0.5 * float(np.clip(min(margins), 0.0, 1.0)), 3)
-    naming.body_values = [L5 - (len(bodies) - 2 - i) for i in range(len(bodies) - 1)] + [S1]
-    for i, (found,) in enumerate(between):
-        naming.disc_values[found] = DISC_OFFSET + naming.body_values[i]
+    count = len(bodies) - first
+    naming.body_values = [0] * first + [L5 - (count - 2 - i) for i in range(count - 1)] + [S1]
+    for i in range(first, len(between)):
+        naming.disc_values[between[i][0]] = DISC_OFFSET + naming.body_values[i]
     top = [k for k, d in enumerate(discs) if d.si < bodies[0].si]
-    if top and naming.body_values[0] > 1:
+    if top and first == 0 and naming.body_values[0] > 1:
         naming.disc_values[top[-1]] = DISC_OFFSET + naming.body_values[0] - 1
     return naming
 
@@ -465,9 +474,8 @@ def identify_levels(labels: Volume | np.ndarray, geometry: Geometry | None = Non
             )
         )
     status = UNCERTAIN if naming.reason else NAMED
-    reason = naming.reason or "anchored on the sacrum: " + ", ".join(
-        f"{k} {v:.0f}°" for k, v in naming.evidence.items()
-    )
+    evidence = ", ".join(f"{k} {v:.0f}°" for k, v in naming.evidence.items())
+    reason = naming.reason or f"anchored on the sacrum: {evidence}" + (f"; {naming.note}" if naming.note else "")
     return LevelResult(
         level_map=np.ascontiguousarray(reorientation.inverse(level_map)),
         instances=instances,
