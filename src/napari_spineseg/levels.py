@@ -272,7 +272,7 @@ def _spine_chain(bodies: list[_Part], discs: list[_Part]) -> tuple[list[_Part], 
     best, start = (0, 0), 0
     for i, step in enumerate([*steps, np.inf]):
         if step > limit:
-            if i - start > best[1] - best[0]:
+            if i - start >= best[1] - best[0]:  # ties: the inferior run, which holds the anchor
                 best = (start, i)
             start = i + 1
     chain = bodies[best[0] : best[1] + 1]
