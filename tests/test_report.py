@@ -44,12 +44,13 @@ def test_levels_lesion_and_volumes_on_the_phantom(with_lesion: Phantom, default_
     superior = [level["superior_mm"] for level in levels]
     assert superior == sorted(superior, reverse=True)  # superior -> inferior
     bodies = [level["name"] for level in levels if level["value"] == 1]
-    assert bodies == [f"body {i}" for i in range(1, len(with_lesion.levels) + 1)]  # one per phantom level
+    assert bodies == with_lesion.levels  # named anatomically (levels.py), one per phantom level
+    assert report["level_identification"]["status"] == "named" and "anatomically" in report["level_naming"]
     assert [level["order"] for level in levels] == list(range(1, len(levels) + 1))
     assert all(levels[i]["value"] != levels[i + 1]["value"] for i in range(len(levels) - 1))  # body/disc alternate
 
     (lesion,) = report["lesions"]
-    expected_level = f"body {with_lesion.levels.index(with_lesion.lesion_levels[0]) + 1}"
+    expected_level = with_lesion.lesion_levels[0]  # e.g. "in L3"
     assert lesion["level"] == expected_level
     assert report["lesion_summary"].startswith("1 lesion") and expected_level in report["lesion_summary"]
 
@@ -171,7 +172,7 @@ def test_cli_end_to_end(tmp_path: Path, with_lesion: Phantom, capsys: pytest.Cap
     record = json.loads(json_path.read_text(encoding="utf-8"))
     assert record["model"]["name"] == "spineseg-default" and "--model" in record["model"]["note"]
     assert sum(level["value"] == 1 for level in record["levels"]) == len(with_lesion.levels)
-    assert record["lesions"][0]["level"].startswith("body ")
+    assert record["lesions"][0]["level"] == with_lesion.lesion_levels[0]
 
     assert main(["report", str(study), str(seg), "-o", str(tmp_path / "b.json"), "--model", "none"]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["model"]["name"] is None

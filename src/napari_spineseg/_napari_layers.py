@@ -115,3 +115,31 @@ def classes_from_layer(layer: Any) -> list[LabelClass]:
     if recorded:
         return [LabelClass.from_dict(c) for c in recorded]
     return list(DEFAULT_CLASSES)
+
+
+LEVELS_KEY = "spineseg_levels"
+
+
+def levels_layer_data(result: Any, name: str = "levels") -> tuple[np.ndarray, dict[str, Any], str]:
+    """``(data, kwargs, "labels")`` of a :class:`~napari_spineseg.levels.LevelResult`: level values
+    named in ``features`` (hover and legend show ``"L3"``, ``"L4/L5"``), the result's JSON record
+    (status, reason, instances) in ``metadata``."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from .levels import level_classes, result_record
+
+    if result.geometry is None:
+        raise ValueError("a level result without geometry cannot be placed")
+    classes = [LabelClass(0, "background", (0.0, 0.0, 0.0, 0.0)), *level_classes(result)]
+    colours = {c.value: c.color for c in classes}
+    colours[None] = (0.0, 0.0, 0.0, 0.0)
+    kwargs = {
+        "name": name,
+        "colormap": DirectLabelColormap(color_dict=colours),
+        "features": label_features(classes),
+        "opacity": 0.6,
+    }
+    kwargs.update(_placement(Volume(result.level_map, result.geometry, name)))
+    kwargs["metadata"][LEVELS_KEY] = result_record(result)
+    kwargs["metadata"]["spineseg_schema"] = False
+    return result.level_map, kwargs, "labels"

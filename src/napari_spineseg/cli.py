@@ -115,6 +115,8 @@ def _segment_cohort(args: argparse.Namespace, settings: Any) -> int:
             f"--uncertainty {args.uncertainty}: a cohort writes its maps beside the labels "
             "(OUTPUT_DIR/<study>_uncertainty.nii.gz): give the output directory"
         )
+    if getattr(args, "levels", None):
+        raise InputError("--levels names single studies; it is not available for a cohort directory")
     report = Path(args.report or Path(args.output or args.inputs[0]) / REPORT_NAME).expanduser()
     print(f"cohort {args.inputs[0]}: model {args.model}, scheduler {args.scheduler or 'serial'}", file=sys.stderr)
     run = segment_cohort(
@@ -391,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     segment.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     segment.add_argument("--batch-size", type=int, default=16)
+    segment.add_argument(
+        "--levels",
+        metavar="LEVELS",
+        help="also name the vertebral levels: level map file (or directory) + JSON sidecar beside it (LEVELS.json)",
+    )
     segment.add_argument(
         "--uncertainty",
         metavar="PATH",

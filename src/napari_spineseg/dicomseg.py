@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,6 +321,7 @@ def write_dicom_seg(
     algorithm_type: str | None = None,
     series_number: int | None = None,
     series_description: str | None = None,
+    codings: Mapping[int, SegmentCoding] | None = None,
 ) -> Path:
     """Write ``labels`` (``array[z, y, x]`` on the source series' grid) as a DICOM Segmentation.
 
@@ -366,7 +367,7 @@ def write_dicom_seg(
         )
     descriptions = []
     for number, label_class in enumerate(segment_classes, start=1):
-        coding = segment_coding(label_class)
+        coding = (codings or {}).get(label_class.value) or segment_coding(label_class)  # e.g. per-level codes
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,

@@ -145,19 +145,26 @@ def build_report(
     warnings: Sequence[PreflightWarning | str] | None = None,
     overlay: bool = True,
     model_note: str | None = None,
+    levels: Any = None,
 ) -> dict[str, Any]:
     """The report of ``labels`` (a label map on ``study``'s grid) as a JSON-safe dict.
 
     ``model_metadata`` (a :class:`~napari_spineseg.modelfile.ModelMetadata`) describes the model;
     ``warnings`` defaults to :func:`~napari_spineseg.preflight.preflight` of ``study``.  With
     ``overlay`` the mid-sagittal PNG is kept under ``report["overlay"]["png_base64"]`` (the JSON
-    writer leaves it out).  Raises :class:`GeometryMismatchError` when the grids differ.
+    writer leaves it out).  ``levels`` (a :class:`~napari_spineseg.levels.LevelResult`, e.g. renumbered by
+    hand) names the levels; by default they are identified from ``labels``.  Raises
+    :class:`GeometryMismatchError` when the grids differ.
     """
     check_same_grid(study, labels, what=f"study {study.name!r} and segmentation {labels.name!r}")
     array = _integer_labels(labels)
     present = [int(v) for v in np.unique(array) if v != BACKGROUND]
     classes = _report_classes(model_metadata, present)
     review = review_labels(array, labels.geometry, classes)
+    from .levels import identify_levels, name_review
+
+    level_result = levels if levels is not None else identify_levels(array, labels.geometry)  # corrected levels
+    review, level_naming = name_review(review, level_result)
     by_value = {c.value: c for c in review.classes}
     voxel_ml = float(np.prod(labels.geometry.spacing)) / 1000.0
     class_rows = []
@@ -235,7 +242,8 @@ def build_report(
         "segmentation": {"name": labels.name, "label_values": present, "voxel_ml": voxel_ml},
         "classes": class_rows,
         "levels": levels,
-        "level_naming": LEVEL_NAMING,
+        "level_naming": level_naming,
+        "level_identification": {"status": level_result.status, "reason": level_result.reason},
         "fragments": {class_names[v]: n for v, n in review.fragments.items() if n},
         "lesions": lesions,
         "lesion_summary": NO_LESION if not lesions else review.lesion_message(),

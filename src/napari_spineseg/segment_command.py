@@ -48,6 +48,7 @@ class Job:
     labels: Path = Path()
     dicom_seg: Path | None = None
     uncertainty: Path | None = None
+    levels: Path | None = None  # the level map (its JSON sidecar beside it)
     outputs: list[tuple[str, Path]] = field(default_factory=list)
 
     @property
@@ -152,11 +153,28 @@ def plan_outputs(jobs: list[Job], args: argparse.Namespace) -> None:
                 raise InputError(f"--uncertainty {shown(unc)}: an uncertainty map cannot be a DICOM file")
             else:
                 job.uncertainty = unc
-        job.outputs = [
-            (what, path)
-            for what, path in (("labels", job.labels), ("DICOM-SEG", job.dicom_seg), ("uncertainty", job.uncertainty))
-            if path is not None
-        ]
+        if getattr(args, "levels", None):
+            job.levels = _levels_path(args.levels, base, several)
+        named = (("labels", job.labels), ("DICOM-SEG", job.dicom_seg), ("uncertainty", job.uncertainty))
+        job.outputs = [(what, path) for what, path in named if path is not None]
+        if job.levels is not None:
+            from .levels import sidecar_path
+
+            job.outputs += [("level map", job.levels), ("level sidecar", sidecar_path(job.levels))]
+
+
+def _levels_path(option: str, base: str, several: bool) -> Path:
+    """Where ``--levels`` puts a study's level map: the file given, or ``<base>_levels.nii.gz`` in a directory."""
+    from .io import LABEL_SUFFIXES, volume_suffix
+
+    path = Path(option).expanduser()
+    if _as_directory(option, "--levels"):
+        return path / f"{base}_levels.nii.gz"
+    if several:
+        raise InputError(f"--levels {shown(path)}: several studies need a directory for their level maps")
+    if volume_suffix(path) not in LABEL_SUFFIXES:
+        raise InputError(f"--levels {shown(path)}: a level map is a label file ({', '.join(LABEL_SUFFIXES)})")
+    return path
 
 
 def check_outputs(jobs: list[Job], overwrite: bool) -> None:
@@ -207,7 +225,7 @@ def _source_checksum(job: Job) -> str:
         return ""
 
 
-def _write_outputs(job: Job, volume: Any, result: Any, model: Any, record: dict[str, Any]) -> None:
+def _write_outputs(job: Job, volume: Any, result: Any, model: Any, record: dict[str, Any], levels: Any = None) -> None:
     """Write the outputs of one study together (see :class:`~napari_spineseg.outputs.OutputSet`)."""
     from .dicomseg import write_dicom_seg
     from .io import volume_suffix, write_labels, write_volume
@@ -225,7 +243,23 @@ def _write_outputs(job: Job, volume: Any, result: Any, model: Any, record: dict[
         if job.uncertainty is not None and result.uncertainty is not None:
             unc = make_record("uncertainty", **record)
             outputs.stage(job.uncertainty, lambda p: write_volume(result.uncertainty, p), unc)
+        if job.levels is not None and levels is not None:
+            _stage_levels(outputs, job.levels, levels, result.labels.geometry, record)
         outputs.commit()
+
+
+def _stage_levels(outputs: OutputSet, path: Path, levels: Any, geometry: Any, record: dict[str, Any]) -> None:
+    """Stage the level map and its JSON sidecar (renamed together with the study's other outputs)."""
+    import json
+
+    from .io import write_labels
+    from .levels import result_record, sidecar_path
+
+    text = json.dumps(result_record(levels), indent=2) + "\n"
+    outputs.stage(path, lambda p: write_labels(levels.level_map, p, geometry), make_record("levels", **record))
+    outputs.stage(
+        sidecar_path(path), lambda p: p.write_text(text, encoding="utf-8"), make_record("levels-sidecar", **record)
+    )
 
 
 def _segment_job(job: Job, volume: Any, predictor: Any, model: Any, args: argparse.Namespace, common: dict) -> None:
@@ -243,7 +277,15 @@ def _segment_job(job: Job, volume: Any, predictor: Any, model: Any, args: argpar
 
     result = _run_with_progress(predictor, volume, args.quiet)
     record = dict(common, source=str(job.source.resolve()), source_sha256=_source_checksum(job))
-    _write_outputs(job, volume, result, model, record)
+    levels = None
+    if job.levels is not None:
+        from .levels import identify_levels
+
+        levels = identify_levels(result.labels)
+    _write_outputs(job, volume, result, model, record, levels)
+    if levels is not None:
+        named = " ".join(i.name for i in levels.instances if i.kind == "body" and i.name)
+        print(f"{job.name}: levels {named if levels.named else f'uncertain ({levels.reason})'} -> {job.levels}")
     if job.dicom_seg is not None:
         print(f"{job.name}: DICOM-SEG -> {job.dicom_seg}")
     print(f"{job.name}: {result.seconds:.1f} s -> {job.labels}")

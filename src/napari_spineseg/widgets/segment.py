@@ -51,8 +51,9 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
     """
     from napari.utils.colormaps import DirectLabelColormap
 
-    from .._napari_layers import image_layer_data, labels_layer_data
+    from .._napari_layers import image_layer_data, labels_layer_data, levels_layer_data
     from ..inference import Predictor, ProgressEvent, SegmentationSettings
+    from ..levels import identify_levels
     from ..schema import class_for_value, color_dict, extend_classes
     from ._finetune_job import label_values
     from ._layers import build_layer
@@ -88,7 +89,10 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
     layers = {"labels": build_layer(*labels)}
     if uncertainty is not None:
         layers["uncertainty"] = build_layer(*uncertainty)
-    return _Output(result, classes, labels, uncertainty, layers)
+    levels = identify_levels(result.labels)  # vertebral levels (levels.py); a layer only when named
+    if levels.named:
+        layers["levels"] = build_layer(*levels_layer_data(levels, f"{volume.name} levels"))
+    return _Output(result, classes, labels, uncertainty, layers, levels)
 
 
 @dataclass
@@ -97,7 +101,8 @@ class _Output:
     classes: list
     labels: tuple  # layer data tuple
     uncertainty: tuple | None
-    layers: dict[str, Any]  # hidden napari layers made from the tuples ("labels", "uncertainty")
+    layers: dict[str, Any]  # hidden napari layers made from the tuples ("labels", "uncertainty", "levels")
+    levels: Any = None  # LevelResult
 
 
 def _available_devices() -> list[str]:
@@ -333,6 +338,7 @@ class SegmentWidget(QWidget):
             yield from self._show_uncertainty(run, output)
             yield
         yield from self._show_labels(run, output)
+        yield from self._show_levels(run, output)
 
     def _show_uncertainty(self, run: _Run, output: _Output) -> Iterator[None]:
         name = f"{run.image_name} uncertainty"
@@ -364,6 +370,26 @@ class SegmentWidget(QWidget):
             from napari.utils.notifications import show_warning
 
             show_warning(f"{run.image_name}: {warning}")
+
+    def _show_levels(self, run: _Run, output: _Output) -> Iterator[None]:
+        """The levels layer ("L3", "L4/L5" on hover) when the levels are named; the status says either way."""
+        from .._napari_layers import LEVELS_KEY
+
+        levels = output.levels
+        if levels is None:
+            return
+        name = f"{run.image_name} levels"
+        for old in [lay for lay in self.viewer.layers if lay.name == name and LEVELS_KEY in (lay.metadata or {})]:
+            self.viewer.layers.remove(old)
+        if levels.named:
+            layer = output.layers["levels"]
+            layer.name = name
+            yield from add_in_turns(self.viewer, layer, select=False)
+            names = [i.name for i in levels.instances if i.kind == "body" and i.name]
+            summary = f"levels {names[0]}–{names[-1]}"
+        else:
+            summary = f"levels uncertain: {levels.reason}"
+        self.status.setText(f"{self.status.text()}; {summary}")
 
     def _replaceable(self, image_name: str, shape: tuple) -> Any:
         """An earlier, unedited result for the same image (edited ones are never overwritten)."""
