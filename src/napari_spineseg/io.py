@@ -9,6 +9,7 @@ target directory is renamed over the destination only when complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -109,8 +110,61 @@ def _nifti_sibling_clash(path: Path) -> bool:
     return False
 
 
-def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> None:
-    """ITK reads a truncated NIfTI without complaint (missing voxels become 0): check sizes first."""
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Silence ITK's global warning display (multi-line messages naming C++ files) while reading.
+
+    What matters in those warnings (uneven DICOM slices, non-orthogonal matrices, qform/sform
+    choices) is checked here and reported as one-line warnings or errors instead.
+    """
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+@dataclasses.dataclass
+class _NiftiInfo:
+    """What the NIfTI pre-read learned: nibabel's header and the count of NaN/infinite voxels."""
+
+    header: Any
+    non_finite: int = 0
+
+
+_NIFTI_UNITS_MM = {"mm": 1.0, "micron": 1e-3, "meter": 1e3}
+
+
+def _scan_nifti_data(stream, offset: int, count: int, dtype: np.dtype, scan: bool) -> tuple[int, int]:
+    """Bytes available for ``count`` voxels after ``offset`` in ``stream``, and (for a float ``dtype``)
+    how many of them are NaN or infinite; reads in chunks, never the whole file at once."""
+    skipped = 0
+    while skipped < offset:
+        chunk = stream.read(min(1 << 22, offset - skipped))
+        if not chunk:
+            return skipped, 0
+        skipped += len(chunk)
+    item = dtype.itemsize
+    wanted, got, bad, carry = count * item, 0, 0, b""
+    while got < wanted:
+        chunk = stream.read(min(1 << 22, wanted - got))
+        if not chunk:
+            break
+        got += len(chunk)
+        if scan:
+            chunk = carry + chunk
+            whole = len(chunk) - len(chunk) % item
+            bad += int((~np.isfinite(np.frombuffer(chunk[:whole], dtype))).sum())
+            carry = chunk[whole:]
+    return offset + got, bad
+
+
+def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> _NiftiInfo:
+    """ITK reads a truncated NIfTI without complaint (missing voxels become 0, and so do NaN/infinite
+    values): check the size against the real data offset first, and count non-finite voxels."""
     import gzip
     import zlib
 
@@ -119,32 +173,100 @@ def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> None:
     from ._precheck import check_declared_bytes
 
     try:
-        header = nib.load(str(path)).header
+        image = nib.load(str(path))
+        header = image.header
         shape = tuple(int(s) for s in header.get_data_shape())
-        itemsize = header.get_data_dtype().itemsize
-        needed = int(header.get_data_offset()) + math.prod(shape) * itemsize  # exact: np.prod can overflow
+        dtype = header.get_data_dtype()
+        # The loaded header reports vox_offset 0 (nibabel resets it for saving): use the data's offset.
+        offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
     except Exception as error:  # nibabel raises many types for bad headers
         raise VolumeReadError(f"{shown}: corrupt or unrecognised NIfTI header ({_first_line(error)})") from None
+    if limit and len(shape) < 3:
+        raise VolumeReadError(
+            f"{shown}: a 2-D image ({' x '.join(map(str, shape))} pixels), not a volume: a study must be 3-D"
+        )
     if limit:
-        check_declared_bytes(shape, itemsize, shown)
-    if path.name.lower().endswith(".gz"):
-        available = 0
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    available += len(chunk)
-                    if available >= needed:
-                        return
-        except (OSError, EOFError, zlib.error) as error:
-            raise VolumeReadError(f"{shown}: truncated or corrupt compressed data ({_first_line(error)})") from None
-    else:
-        available = path.stat().st_size
+        check_declared_bytes(shape, dtype.itemsize, shown)
+    count = math.prod(shape)  # exact: np.prod can overflow
+    needed = offset + count * dtype.itemsize
+    compressed = path.name.lower().endswith(".gz")
+    scan = dtype.kind == "f" and limit
+    if not compressed:
+        size = path.stat().st_size
+        if offset > size:
+            raise VolumeReadError(f"{shown}: the voxel data offset ({offset} bytes) lies past the end of the file")
+        if size < needed:
+            raise VolumeReadError(f"{shown}: truncated voxel data ({size} of {needed} bytes)")
+        if not scan:
+            return _NiftiInfo(header)
+    try:
+        with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
+            available, bad = _scan_nifti_data(stream, offset, count, dtype, scan)
+    except (OSError, EOFError, zlib.error) as error:
+        raise VolumeReadError(f"{shown}: truncated or corrupt compressed data ({_first_line(error)})") from None
+    if available <= offset < needed:
+        raise VolumeReadError(f"{shown}: the voxel data offset ({offset} bytes) lies past the end of the data")
     if available < needed:
         raise VolumeReadError(f"{shown}: truncated voxel data ({available} of {needed} bytes)")
+    return _NiftiInfo(header, bad)
 
 
-def _reader_image(path: Path, shown: Path | None = None):
-    """Read ``path`` with SimpleITK; errors name ``shown`` (the user's path)."""
+def _nifti_units(header) -> str:
+    try:
+        return str(header.get_xyzt_units()[0])
+    except Exception:  # an unknown code
+        return "unknown"
+
+
+def _nifti_geometry(header, itk: Geometry, shown: Path, warnings: list[str]) -> Geometry:
+    """The geometry nibabel documents for this header: the sform when ``sform_code`` > 0, else the qform
+    when ``qform_code`` > 0 (``Nifti1Header.get_best_affine``), in the header's units.
+
+    ITK prefers a scanner-coded qform over an sform of another code, and ignores the sign of a
+    negative pixdim; labels must land where nibabel (and most NIfTI tools) place the study, so that
+    geometry is used, with a one-line warning whenever the two readings differ.
+    """
+    try:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        affine = header.get_sform() if sform_code > 0 else header.get_qform() if qform_code > 0 else None
+    except Exception:  # nibabel refuses e.g. a qform with negative pixdim: ITK's reading stands
+        affine = None
+    if affine is None or not np.isfinite(affine).all():
+        if np.any(np.asarray(header["pixdim"][1:4]) < 0):
+            warnings.append("negative pixdim in the header: its sign was ignored (as the NIfTI library does)")
+        return itk
+    which = "sform" if sform_code > 0 else "qform"
+    scale = _NIFTI_UNITS_MM.get(_nifti_units(header), 1.0)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ (np.asarray(affine[:3], dtype=float) * scale)
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    if not np.all(spacing > 0):
+        return itk
+    direction = lps[:, :3] / spacing
+    from ._precheck import check_orthonormal
+
+    check_orthonormal(direction.ravel(), f"{shown} ({which})")
+    geometry = Geometry(itk.size, tuple(spacing), tuple(lps[:, 3]), tuple(direction.ravel()))
+    if sform_code > 0 and qform_code > 0:
+        with contextlib.suppress(Exception):
+            qform = header.get_qform()
+            corners = np.array(
+                [[i, j, k, 1] for i in (0, itk.size[0] - 1) for j in (0, itk.size[1] - 1) for k in (0, itk.size[2] - 1)]
+            )
+            apart = float(np.abs((corners @ (qform - affine).T)[:, :3]).max() * scale)
+            if apart > 0.01:
+                warnings.append(
+                    f"qform and sform disagree (up to {apart:.3g} mm apart): using the sform, as nibabel does"
+                )
+                return geometry
+    if not geometry.is_close(itk, tolerance=1e-3):
+        warnings.append(f"the header is ambiguous (negative pixdim?): using the {which}, as nibabel does")
+        return geometry
+    return itk
+
+
+def _reader_image(path: Path, shown: Path | None = None) -> tuple[Any, _NiftiInfo | None]:
+    """Read ``path`` with SimpleITK; errors name ``shown`` (the user's path).  For NIfTI, also what
+    the pre-read found (nibabel's header, non-finite voxels)."""
     import SimpleITK as sitk
 
     shown = shown or path
@@ -152,26 +274,38 @@ def _reader_image(path: Path, shown: Path | None = None):
         with tempfile.TemporaryDirectory() as private:
             link = Path(private) / path.name
             link.symlink_to(path.resolve())
-            image = _reader_image(link, shown)
-        return image
-    if volume_suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path, shown)
+            return _reader_image(link, shown)
+    info = _check_nifti_complete(path, shown) if volume_suffix(path) in (".nii", ".nii.gz") else None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_itk():
+            reader.ReadImageInformation()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: corrupt or unrecognised header ({_first_line(error)})") from None
     from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
 
-    item = sitk_item_bytes(sitk.GetPixelIDValueAsString(reader.GetPixelID()), reader.GetNumberOfComponents())
+    pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel_type:
+        raise VolumeReadError(
+            f"{shown}: complex-valued voxels (raw or phase data) are not supported: give a magnitude image"
+        )
+    item = sitk_item_bytes(pixel_type, reader.GetNumberOfComponents())
     check_declared_bytes(tuple(reader.GetSize()), item, shown)
-    check_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), shown)
+    units = _nifti_units(info.header) if info is not None else ""
+    check_geometry(
+        reader.GetSpacing(),
+        reader.GetOrigin(),
+        reader.GetDirection(),
+        shown,
+        "" if units in ("mm", "unknown") else units,
+    )
     try:
-        image = reader.Execute()
+        with quiet_itk():
+            image = reader.Execute()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: truncated or corrupt voxel data ({_first_line(error)})") from None
-    return image
+    return image, info
 
 
 def _to_scalar_3d(image, path: Path, warnings: list[str]):
@@ -265,9 +399,21 @@ def _read_volumes(path: Path) -> list[Volume]:
         check_metaimage_header(path, path)  # ITK's MetaIO crashes on some malformed headers
     elif suffix in (".nrrd", ".nhdr"):
         check_nrrd_header(path, path)
-    image = _reader_image(path)
+    image, info = _reader_image(path)
     metadata: dict[str, Any] = {"format": suffix.lstrip(".")}
-    return [_finish(image, path, strip_suffix(path), metadata, [])]
+    warnings: list[str] = []
+    if info is not None and info.non_finite:
+        warnings.append(f"{info.non_finite} voxels are NaN or infinite: treated as 0")
+    volume = _finish(image, path, strip_suffix(path), metadata, warnings)
+    if info is not None:
+        extra: list[str] = []
+        geometry = _nifti_geometry(info.header, volume.geometry, path, extra)
+        if extra:
+            volume.geometry = geometry
+            volume.metadata["warnings"] = volume.metadata["warnings"] + extra
+            for warning in extra:
+                logger.warning("%s: %s", path, warning)
+    return [volume]
 
 
 # DICOM ---------------------------------------------------------------------------------------
