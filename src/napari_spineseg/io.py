@@ -420,15 +420,46 @@ def _read_volumes(path: Path) -> list[Volume]:
 
 
 def _series_ids(directory: Path) -> list[str]:
+    """The image series of ``directory`` (GDCM's series ids), without non-image objects and localizers."""
+    return _image_series(directory)[0]
+
+
+def _gdcm_series_ids(directory: Path) -> list[str]:
     import SimpleITK as sitk
 
     from ._precheck import check_dicom_directory
 
     check_dicom_directory(directory)  # GDCM can allocate gigabytes for one corrupt element
     try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
+        with quiet_itk():
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
     except RuntimeError as error:
         raise VolumeReadError(f"{directory}: cannot scan for DICOM series ({_first_line(error)})") from None
+
+
+def _image_series(directory: Path) -> tuple[list[str], list[str]]:
+    """Series ids of ``directory`` holding images, and one-line notes on the series skipped: non-image
+    objects (DICOM-SEG, SR, presentation states, ...) and, beside other series, one-slice localizers."""
+    from .dicom_series import describe_skipped, non_image_kind, read_header
+
+    kept: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    for series_id in _gdcm_series_ids(directory):
+        files = _series_files(directory, series_id)
+        header = read_header(files[0]) if files else None
+        kind = non_image_kind(header) if header is not None else None
+        if kind:
+            skipped.append(kind)
+            continue
+        frames = header.get("NumberOfFrames", 1) if header is not None else 1
+        single = len(files) == 1 and str(frames or 1).strip() in ("", "1")
+        kept.append((series_id, single))
+    notes = [f"skipped {describe_skipped(skipped)} (not images)"] if skipped else []
+    volumes = [series_id for series_id, single in kept if not single]
+    if volumes and len(volumes) < len(kept):
+        notes.append(f"skipped {len(kept) - len(volumes)} one-slice series (localizers?)")
+        return volumes, notes
+    return [series_id for series_id, _ in kept], notes
 
 
 def _safe_dicom_tags(file_name: str) -> dict[str, str]:
@@ -449,36 +480,57 @@ def _safe_dicom_tags(file_name: str) -> dict[str, str]:
 
 
 def _read_series(directory: Path, series_id: str) -> Volume:
-    import SimpleITK as sitk
-
+    """Read the series ``series_id`` of ``directory`` (GDCM's grouping)."""
     files = _series_files(directory, series_id)
     if not files:
         raise VolumeReadError(f"{directory}: DICOM series {series_id} has no readable files")
-    _check_series_size(files, directory)
+    return _read_series_files(directory, series_id, files)
+
+
+def _read_series_files(directory: Path, series_id: str, files: list[str]) -> Volume:
+    """Read one series from its files: headers checked and laid out first (:mod:`.dicom_series`), then
+    the voxels read by GDCM/ITK in slice order onto that grid (resampled when the slices are uneven)."""
+    import SimpleITK as sitk
+
+    from .dicom_series import plan_series, resample_slices
+
     tags = _safe_dicom_tags(files[0])
-    warnings: list[str] = []
+    description = tags.get("series_description") or "series"
+    number = tags.get("series_number", "")
+    name = f"{description} ({number})" if number else description
+    plan = plan_series(files, f"{directory}: DICOM series {name!r}")
+    if plan is not None:
+        files = plan.files
+    _check_series_size(files, directory)
+    warnings: list[str] = list(plan.warnings) if plan is not None else []
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with quiet_itk():
+            image = reader.Execute()
     except RuntimeError as error:
         raise VolumeReadError(f"{directory}: cannot read DICOM series {series_id} ({_first_line(error)})") from None
     if image.GetDimension() == 3 and image.GetSize()[2] != len(files) and len(files) > 1:
         warnings.append(f"{len(files)} files gave {image.GetSize()[2]} slices")
     if len(files) == 1 and image.GetDimension() == 3 and image.GetSize()[2] == 1:
         raise VolumeReadError(f"{directory}: DICOM series {series_id} has a single slice, not a volume")
-    description = tags.get("series_description") or "series"
-    number = tags.get("series_number", "")
-    name = f"{description} ({number})" if number else description
     metadata = {"format": "dicom", "dicom": tags, "dicom_files": files, "series_id": series_id}
-    return _finish(image, directory, name, metadata, warnings)
+    volume = _finish(image, directory, name, metadata, warnings)
+    if plan is not None and volume.shape[0] == len(files) and volume.shape[1:] == plan.geometry.shape[1:]:
+        array = volume.array
+        if plan.resample:
+            array = resample_slices(array, plan.positions, plan.geometry.spacing[2], plan.geometry.size[2])
+            volume.metadata["resampled"] = True
+        volume = dataclasses.replace(volume, array=array, geometry=plan.geometry)
+    return volume
 
 
 def _series_files(directory: Path, series_id: str) -> list[str]:
     import SimpleITK as sitk
 
     try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
+        with quiet_itk():
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
     except RuntimeError as error:
         raise VolumeReadError(f"{directory}: cannot list DICOM series {series_id} ({_first_line(error)})") from None
 
@@ -504,19 +556,67 @@ def _check_series_size(files: list[str], directory: Path) -> None:
 
 
 def _read_dicom_directory(directory: Path) -> list[Volume]:
-    series = _series_ids(directory)
+    dicomdir = next((p for p in directory.iterdir() if p.name.upper() == "DICOMDIR" and p.is_file()), None)
+    if dicomdir is not None:
+        return _read_dicomdir(dicomdir)
+    series, notes = _image_series(directory)
     if not series:
         files = [p for p in directory.iterdir() if p.is_file()]
         if not files:
             raise VolumeReadError(f"{directory}: empty directory (no DICOM files)")
-        raise VolumeReadError(f"{directory}: no DICOM series found among {len(files)} file(s)")
-    return [_read_series(directory, series_id) for series_id in series]
+        found = f" ({'; '.join(notes)})" if notes else ""
+        raise VolumeReadError(f"{directory}: no DICOM image series found among {len(files)} file(s){found}")
+    volumes = [_read_series(directory, series_id) for series_id in series]
+    return [_noted(volume, notes) for volume in volumes]
+
+
+def _noted(volume: Volume, notes: list[str]) -> Volume:
+    """``volume`` with the folder's notes (series skipped) added to its warnings, and logged."""
+    for note in notes:
+        logger.warning("%s: %s", volume.path, note)
+    volume.metadata["warnings"] = list(notes) + list(volume.metadata.get("warnings", []))
+    return volume
+
+
+def _read_dicomdir(path: Path) -> list[Volume]:
+    """Every image series a DICOMDIR references (files in its sub-folders), grouped by SeriesInstanceUID."""
+    from ._precheck import dicom_structure_problem
+    from .dicom_series import describe_skipped, dicomdir_files, non_image_kind, read_header
+
+    groups: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for file in dicomdir_files(path):
+        problem = dicom_structure_problem(file)
+        if problem:
+            raise VolumeReadError(f"{file}: corrupt DICOM file ({problem})")
+        header = read_header(file)
+        kind = non_image_kind(header) if header is not None else "unreadable file"
+        if kind:
+            skipped.append(kind)
+            continue
+        groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(str(file))
+    notes = [f"skipped {describe_skipped(skipped)} (not images)"] if skipped else []
+    if not groups:
+        raise VolumeReadError(
+            f"{path}: the DICOMDIR references no DICOM images{' (' + notes[0] + ')' if notes else ''}"
+        )
+    several = {uid: files for uid, files in groups.items() if len(files) > 1}
+    if several and len(several) < len(groups):
+        notes.append(f"skipped {len(groups) - len(several)} one-slice series (localizers?)")
+        groups = several
+    return [_noted(_read_series_files(path.parent, uid, files), notes) for uid, files in groups.items()]
 
 
 def _read_dicom_series_of_file(path: Path) -> Volume:
+    if path.name.upper() == "DICOMDIR":
+        volumes = _read_dicomdir(path)
+        if len(volumes) > 1:
+            names = ", ".join(v.name for v in volumes)
+            raise InputError(f"{path}: references {len(volumes)} DICOM series ({names}); give its folder to read all")
+        return volumes[0]
     directory = path.parent
     target = os.path.realpath(path)
-    for series_id in _series_ids(directory):
+    for series_id in _gdcm_series_ids(directory):
         files = _series_files(directory, series_id)
         if target in {os.path.realpath(f) for f in files}:
             return _read_series(directory, series_id)
