@@ -421,7 +421,7 @@ def _read_volumes(path: Path) -> list[Volume]:
 
 def _series_ids(directory: Path) -> list[str]:
     """The image series of ``directory`` (GDCM's series ids), without non-image objects and localizers."""
-    return _image_series(directory)[0]
+    return [series_id for series_id, _ in _image_series(directory)[0]]
 
 
 def _gdcm_series_ids(directory: Path) -> list[str]:
@@ -437,12 +437,13 @@ def _gdcm_series_ids(directory: Path) -> list[str]:
         raise VolumeReadError(f"{directory}: cannot scan for DICOM series ({_first_line(error)})") from None
 
 
-def _image_series(directory: Path) -> tuple[list[str], list[str]]:
-    """Series ids of ``directory`` holding images, and one-line notes on the series skipped: non-image
-    objects (DICOM-SEG, SR, presentation states, ...) and, beside other series, one-slice localizers."""
+def _image_series(directory: Path) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The series of ``directory`` holding images (id and files), and one-line notes on the series
+    skipped: non-image objects (DICOM-SEG, SR, presentation states, ...) and, beside other series,
+    one-slice localizers."""
     from .dicom_series import describe_skipped, non_image_kind, read_header
 
-    kept: list[tuple[str, int]] = []
+    kept: list[tuple[str, list[str], bool]] = []
     skipped: list[str] = []
     for series_id in _gdcm_series_ids(directory):
         files = _series_files(directory, series_id)
@@ -453,13 +454,13 @@ def _image_series(directory: Path) -> tuple[list[str], list[str]]:
             continue
         frames = header.get("NumberOfFrames", 1) if header is not None else 1
         single = len(files) == 1 and str(frames or 1).strip() in ("", "1")
-        kept.append((series_id, single))
+        kept.append((series_id, files, single))
     notes = [f"skipped {describe_skipped(skipped)} (not images)"] if skipped else []
-    volumes = [series_id for series_id, single in kept if not single]
+    volumes = [(series_id, files) for series_id, files, single in kept if not single]
     if volumes and len(volumes) < len(kept):
         notes.append(f"skipped {len(kept) - len(volumes)} one-slice series (localizers?)")
         return volumes, notes
-    return [series_id for series_id, _ in kept], notes
+    return [(series_id, files) for series_id, files, _ in kept], notes
 
 
 def _safe_dicom_tags(file_name: str) -> dict[str, str]:
@@ -566,7 +567,10 @@ def _read_dicom_directory(directory: Path) -> list[Volume]:
             raise VolumeReadError(f"{directory}: empty directory (no DICOM files)")
         found = f" ({'; '.join(notes)})" if notes else ""
         raise VolumeReadError(f"{directory}: no DICOM image series found among {len(files)} file(s){found}")
-    volumes = [_read_series(directory, series_id) for series_id in series]
+    volumes = [
+        _read_series_files(directory, series_id, files) if files else _read_series(directory, series_id)
+        for series_id, files in series
+    ]
     return [_noted(volume, notes) for volume in volumes]
 
 
