@@ -197,6 +197,8 @@ def _plan(files: Sequence[str], shown: str) -> SeriesPlan | None:
     if len(images) < 2:
         if others and not images:
             raise VolumeReadError(f"{shown}: holds no images ({describe_skipped(others)})")
+        if images and len(headers) - len(others) > 1:
+            raise VolumeReadError(f"{shown}: has a single slice (in several copies of one file), not a volume")
         return None
     positions = [_floats(h, "ImagePositionPatient", 3) for _, h in images]
     orientations = [_floats(h, "ImageOrientationPatient", 6) for _, h in images]

@@ -127,12 +127,50 @@ def quiet_itk() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel logs header fixes ("vox offset not divisible by 16 ...") to stderr: keep them at debug."""
+    library = logging.getLogger("nibabel")
+    level = library.level
+    library.setLevel(logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(active: bool = True) -> Iterator[None]:
+    """Discard what C libraries print on file descriptor 2 (the NIfTI library's "pixdim[1,2,3] should be
+    positive" line, reported here as our own warning instead)."""
+    if not active:
+        yield
+        return
+    import sys
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @dataclasses.dataclass
 class _NiftiInfo:
     """What the NIfTI pre-read learned: nibabel's header and the count of NaN/infinite voxels."""
 
     header: Any
     non_finite: int = 0
+    negative_pixdim: bool = False  # in the file (nibabel's loaded header holds the absolute values)
 
 
 _NIFTI_UNITS_MM = {"mm": 1.0, "micron": 1e-3, "meter": 1e3}
@@ -173,12 +211,18 @@ def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> _Nifti
     from ._precheck import check_declared_bytes
 
     try:
-        image = nib.load(str(path))
+        with _quiet_nibabel():
+            image = nib.load(str(path))
         header = image.header
         shape = tuple(int(s) for s in header.get_data_shape())
         dtype = header.get_data_dtype()
         # The loaded header reports vox_offset 0 (nibabel resets it for saving): use the data's offset.
         offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
+        with _quiet_nibabel(), nib.openers.ImageOpener(str(path)) as stream:
+            raw = type(header).from_fileobj(stream, check=False)
+        negative = bool(np.any(np.asarray(raw["pixdim"][1:4]) < 0))
+        if bytes(header["magic"]).startswith((b"n+1", b"n+2")):  # a single file: the NIfTI library's minimum
+            offset = max(offset, int(getattr(header, "single_vox_offset", 0)))
     except Exception as error:  # nibabel raises many types for bad headers
         raise VolumeReadError(f"{shown}: corrupt or unrecognised NIfTI header ({_first_line(error)})") from None
     if limit and len(shape) < 3:
@@ -198,7 +242,7 @@ def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> _Nifti
         if size < needed:
             raise VolumeReadError(f"{shown}: truncated voxel data ({size} of {needed} bytes)")
         if not scan:
-            return _NiftiInfo(header)
+            return _NiftiInfo(header, 0, negative)
     try:
         with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
             available, bad = _scan_nifti_data(stream, offset, count, dtype, scan)
@@ -208,7 +252,7 @@ def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> _Nifti
         raise VolumeReadError(f"{shown}: the voxel data offset ({offset} bytes) lies past the end of the data")
     if available < needed:
         raise VolumeReadError(f"{shown}: truncated voxel data ({available} of {needed} bytes)")
-    return _NiftiInfo(header, bad)
+    return _NiftiInfo(header, bad, negative)
 
 
 def _nifti_units(header) -> str:
@@ -232,8 +276,6 @@ def _nifti_geometry(header, itk: Geometry, shown: Path, warnings: list[str]) -> 
     except Exception:  # nibabel refuses e.g. a qform with negative pixdim: ITK's reading stands
         affine = None
     if affine is None or not np.isfinite(affine).all():
-        if np.any(np.asarray(header["pixdim"][1:4]) < 0):
-            warnings.append("negative pixdim in the header: its sign was ignored (as the NIfTI library does)")
         return itk
     which = "sform" if sform_code > 0 else "qform"
     scale = _NIFTI_UNITS_MM.get(_nifti_units(header), 1.0)
@@ -259,7 +301,7 @@ def _nifti_geometry(header, itk: Geometry, shown: Path, warnings: list[str]) -> 
                 )
                 return geometry
     if not geometry.is_close(itk, tolerance=1e-3):
-        warnings.append(f"the header is ambiguous (negative pixdim?): using the {which}, as nibabel does")
+        warnings.append(f"ITK and nibabel read this header differently: using the {which}, as nibabel does")
         return geometry
     return itk
 
@@ -276,10 +318,11 @@ def _reader_image(path: Path, shown: Path | None = None) -> tuple[Any, _NiftiInf
             link.symlink_to(path.resolve())
             return _reader_image(link, shown)
     info = _check_nifti_complete(path, shown) if volume_suffix(path) in (".nii", ".nii.gz") else None
+    negative = info is not None and info.negative_pixdim
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        with quiet_itk():
+        with quiet_itk(), _native_stderr_silenced(negative):
             reader.ReadImageInformation()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: corrupt or unrecognised header ({_first_line(error)})") from None
@@ -301,7 +344,7 @@ def _reader_image(path: Path, shown: Path | None = None) -> tuple[Any, _NiftiInf
         "" if units in ("mm", "unknown") else units,
     )
     try:
-        with quiet_itk():
+        with quiet_itk(), _native_stderr_silenced(negative):
             image = reader.Execute()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: truncated or corrupt voxel data ({_first_line(error)})") from None
@@ -404,6 +447,8 @@ def _read_volumes(path: Path) -> list[Volume]:
     warnings: list[str] = []
     if info is not None and info.non_finite:
         warnings.append(f"{info.non_finite} voxels are NaN or infinite: treated as 0")
+    if info is not None and info.negative_pixdim:
+        warnings.append("negative pixdim in the header: read as positive (as nibabel and the NIfTI library do)")
     volume = _finish(image, path, strip_suffix(path), metadata, warnings)
     if info is not None:
         extra: list[str] = []
@@ -449,9 +494,11 @@ def _image_series(directory: Path) -> tuple[list[tuple[str, list[str]]], list[st
         files = _series_files(directory, series_id)
         header = read_header(files[0]) if files else None
         kind = non_image_kind(header) if header is not None else None
-        if kind:
-            skipped.append(kind)
-            continue
+        if kind:  # a series whose first file is a SEG, SR, ...: kept if any file of it is an image
+            kinds = [non_image_kind(h) if h is not None else None for h in map(read_header, files)]
+            if all(kinds):
+                skipped += kinds
+                continue
         frames = header.get("NumberOfFrames", 1) if header is not None else 1
         single = len(files) == 1 and str(frames or 1).strip() in ("", "1")
         kept.append((series_id, files, single))
