@@ -350,3 +350,13 @@ def test_two_d_nifti_is_named_two_d(tmp_path: Path) -> None:
         with pytest.raises(VolumeReadError, match="2-D") as caught:
             read_volume(tmp_path / name)
         assert "truncated" not in str(caught.value)
+
+
+def test_gdcm_messages_lose_their_source_paths() -> None:
+    from napari_spineseg.io import _first_line
+
+    raw = (
+        "/tmp/SimpleITK-build/ITK/Modules/ThirdParty/GDCM/src/gdcm/Source/DataStructureAndEncodingDefinition/"
+        "gdcmAttribute.h:445 (): An invalid logic behavior occurred"
+    )
+    assert _first_line(RuntimeError(raw)) == "An invalid logic behavior occurred"

@@ -90,7 +90,7 @@ def _first_line(error: BaseException) -> str:
             text = text.rsplit(marker, 1)[1]
     text = re.sub(r"\w+IO\(0x[0-9a-f]+\):\s*", "", " ".join(text.split())).strip()
     text = re.sub(r"Exception thrown in SimpleITK \w+:\s*", "", text)
-    text = re.sub(r"\S+\.(?:cxx|hxx|cpp|txx|h):\d+:(?:\s*\(\))?:?\s*", "", text).strip()
+    text = re.sub(r"\S+\.(?:cxx|hxx|cpp|txx|h)(?::\d+|,? line \d+)?:?(?:\s*\(\))?:?\s*", "", text).strip()
     text = re.sub(r"\S*/\.[^/\s]+\.part[^\s:]*", "the temporary file", text)  # atomic_path's names
     if "Unable to determine ImageIO reader" in text:
         text = "not a recognised image format"
@@ -600,7 +600,9 @@ def _check_series_size(files: list[str], directory: Path) -> None:
     if len(size) == 3:
         size[2] *= len(files)
     check_declared_bytes(tuple(size), item, directory)
-    check_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), files[0])
+    # One file's third spacing is its SliceThickness, not the series' step (checked with the positions).
+    in_plane = (*reader.GetSpacing()[:2], 1.0)[:3] if len(reader.GetSpacing()) >= 2 else reader.GetSpacing()
+    check_geometry(in_plane, reader.GetOrigin(), reader.GetDirection(), files[0])
 
 
 def _read_dicom_directory(directory: Path) -> list[Volume]:
