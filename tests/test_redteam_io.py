@@ -187,6 +187,12 @@ def test_dicomdir_is_followed(tmp_path: Path) -> None:
         assert volume.shape == (4, 6, 5) and volume.spacing[2] == pytest.approx(2.5)
 
 
+def test_unreadable_dicomdir_falls_back_to_the_folder(tmp_path: Path) -> None:
+    _series(tmp_path / "flat", _z(0, 2.5, 5))
+    (tmp_path / "flat" / "DICOMDIR").write_bytes(b"not a dicomdir")
+    assert read_volume(tmp_path / "flat").shape == (3, 6, 5)
+
+
 # 8: non-image objects in a series folder ------------------------------------------------------
 def test_segmentation_and_report_objects_in_the_folder_are_skipped(tmp_path: Path) -> None:
     folder = tmp_path / "series"

@@ -307,9 +307,10 @@ def resample_slices(array: np.ndarray, positions: np.ndarray, step: float, count
     return (1 - weight) * source[lower] + weight * source[upper]
 
 
-def dicomdir_files(path: Path) -> list[Path]:
+def dicomdir_files(path: Path, strict: bool = True) -> list[Path]:
     """The files a DICOMDIR (``path``) references, resolved inside its folder; :class:`VolumeReadError`
-    for an unreadable DICOMDIR, references outside its folder or missing files."""
+    for an unreadable DICOMDIR (unless not ``strict``: then an empty list), references outside its
+    folder or missing files."""
     import pydicom
 
     try:
@@ -317,6 +318,8 @@ def dicomdir_files(path: Path) -> list[Path]:
             dicomdir = pydicom.dcmread(path, force=True)
         records = list(dicomdir.get("DirectoryRecordSequence", []))
     except Exception:  # pydicom raises many types for broken files
+        if not strict:
+            return []
         raise VolumeReadError(f"{path}: not a readable DICOMDIR") from None
     root = path.parent.resolve()
     found: list[Path] = []

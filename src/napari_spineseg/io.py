@@ -15,6 +15,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,11 @@ def _nifti_sibling_clash(path: Path) -> bool:
     return False
 
 
+_QUIET_LOCK = threading.Lock()
+_QUIET_DEPTH = 0
+_QUIET_PREVIOUS = True
+
+
 @contextlib.contextmanager
 def quiet_itk() -> Iterator[None]:
     """Silence ITK's global warning display (multi-line messages naming C++ files) while reading.
@@ -119,12 +125,19 @@ def quiet_itk() -> Iterator[None]:
     """
     import SimpleITK as sitk
 
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    global _QUIET_DEPTH, _QUIET_PREVIOUS
+    with _QUIET_LOCK:  # reads may run in worker threads: the first in switches off, the last out restores
+        if _QUIET_DEPTH == 0:
+            _QUIET_PREVIOUS = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        _QUIET_DEPTH += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+        with _QUIET_LOCK:
+            _QUIET_DEPTH -= 1
+            if _QUIET_DEPTH == 0:
+                sitk.ProcessObject.SetGlobalWarningDisplay(_QUIET_PREVIOUS)
 
 
 @contextlib.contextmanager
@@ -608,7 +621,11 @@ def _check_series_size(files: list[str], directory: Path) -> None:
 def _read_dicom_directory(directory: Path) -> list[Volume]:
     dicomdir = next((p for p in directory.iterdir() if p.name.upper() == "DICOMDIR" and p.is_file()), None)
     if dicomdir is not None:
-        return _read_dicomdir(dicomdir)
+        from .dicom_series import dicomdir_files
+
+        if dicomdir_files(dicomdir, strict=False):
+            return _read_dicomdir(dicomdir)
+        logger.warning("%s: unreadable or empty DICOMDIR ignored; the folder is scanned instead", dicomdir)
     series, notes = _image_series(directory)
     if not series:
         files = [p for p in directory.iterdir() if p.is_file()]
