@@ -366,3 +366,16 @@ def test_gdcm_messages_lose_their_source_paths() -> None:
         "gdcmAttribute.h:445 (): An invalid logic behavior occurred"
     )
     assert _first_line(RuntimeError(raw)) == "An invalid logic behavior occurred"
+
+
+def test_dicom_seg_of_a_resampled_series_is_refused(tmp_path: Path) -> None:
+    from napari_spineseg.dicomseg import write_dicom_seg
+    from napari_spineseg.errors import GeometryMismatchError
+
+    _series(tmp_path / "gap", _z(0, 2.5, 5, 10, 12.5))
+    study = read_volume(tmp_path / "gap")
+    labels = np.zeros(study.shape, np.uint8)
+    labels[2:4, 1:3, 1:3] = 1
+    with pytest.raises(GeometryMismatchError, match="source slices"):
+        write_dicom_seg(study.with_array(labels), study, tmp_path / "seg.dcm", algorithm_type="MANUAL")
+    assert not (tmp_path / "seg.dcm").exists()

@@ -87,9 +87,6 @@ def segment_coding(label_class: LabelClass) -> SegmentCoding:
     return SEGMENT_CODES.get(label_class.name.strip().lower(), GENERIC_CODING)
 
 
-# Quiet third-party output -------------------------------------------------------------------
-
-
 # Source series ---------------------------------------------------------------------------------
 
 
