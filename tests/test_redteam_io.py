@@ -136,6 +136,15 @@ def test_series_without_a_single_grid_are_refused_in_one_line(tmp_path: Path, ca
     assert "\n" not in str(caught.value)
 
 
+def test_two_echoes_in_one_series_are_named(tmp_path: Path) -> None:
+    folder = tmp_path / "echoes"
+    _series(folder, _z(0, 2.5, 5), EchoNumbers=1)
+    for index, position in enumerate(_z(0, 2.5, 5)):
+        _slice(index + 10, position, EchoNumbers=2).save_as(folder / f"echo2_{index}.dcm", enforce_file_format=True)
+    with pytest.raises(VolumeReadError, match="2 values of EchoNumbers"):
+        read_volumes(folder)
+
+
 def test_localizer_inside_a_series_is_skipped_with_a_warning(tmp_path: Path) -> None:
     sagittal = [0, 1, 0, 0, 0, -1]
     _series(tmp_path / "loc", _z(0, 2.5, 40, 5, 7.5), [AXIAL, AXIAL, sagittal, AXIAL, AXIAL])

@@ -266,7 +266,7 @@ def _lay_out(
     if shared:
         raise VolumeReadError(
             f"{shown}: {shared + 1 if shared == len(gaps) else shared} slice(s) share a position with another "
-            "(several echoes or acquisitions in one series?): no single grid"
+            f"({_mixed_stacks(images)}): no single grid; put each stack in its own folder"
         )
     step = float(along[-1]) / (len(along) - 1)
     resample = bool(np.abs(along - step * np.arange(len(along))).max() > tolerance)
@@ -294,6 +294,18 @@ def _lay_out(
     geometry = Geometry((columns, rows, count), spacing, tuple(positions[0]), direction)
     files = [images[i][0] for i in order]
     return SeriesPlan(files, geometry, along, resample, notes)
+
+
+STACK_KEYWORDS = ("EchoNumbers", "EchoTime", "AcquisitionNumber", "TemporalPositionIdentifier", "ImageType")
+
+
+def _mixed_stacks(images: list[tuple[str, pydicom.Dataset]]) -> str:
+    """Which attribute tells apart stacks mixed in one series ("2 values of EchoNumbers"), for the message."""
+    for keyword in STACK_KEYWORDS:
+        values = {str(h.get(keyword, "")) for _, h in images}
+        if len(values) > 1:
+            return f"{len(values)} values of {keyword} in one series"
+    return "several echoes or acquisitions in one series?"
 
 
 def resample_slices(array: np.ndarray, positions: np.ndarray, step: float, count: int) -> np.ndarray:
