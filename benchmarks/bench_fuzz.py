@@ -41,7 +41,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 
-TARGET_ORDER = ["mha", "mhd", "nifti", "nrrd", "dicom", "model", "cli"]
+TARGET_ORDER = ["mha", "mhd", "nifti", "nrrd", "dicom", "dicomgeo", "niftigeo", "model", "cli"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1340,12 +1340,248 @@ def paths_case(d: Draw, work: Path) -> Case:
 
 
 # --------------------------------------------------------------------------------------------
+# Red-team families (issue #18): DICOM series geometry and NIfTI geometry header fields.
+# These cases also carry an oracle: a read that succeeds must not be silently wrong.
+# --------------------------------------------------------------------------------------------
+GEOMETRY_ORIENTATIONS = {
+    "axial": (1, 0, 0, 0, 1, 0),
+    "sagittal": (0, 1, 0, 0, 0, -1),
+    "coronal": (1, 0, 0, 0, 0, -1),
+    "oblique": (1, 0, 0, 0, math.cos(0.3), math.sin(0.3)),
+}
+GEOMETRY_EDITS = ["gap", "uneven", "duplicate", "same-file", "equal", "tilt", "localizer", "shear"]
+GEOMETRY_EDITS += ["no-position", "no-orientation", "no-spacing", "long-orientation", "seg", "one-slice-series"]
+
+
+def _slice_pixels(index: int, rows: int, columns: int) -> np.ndarray:
+    return (np.arange(rows * columns, dtype=np.uint16) + 100 * (index + 1)).reshape(rows, columns)
+
+
+def _check_dicom_grid(volumes: list[Any], files: list[Path]) -> None:
+    """Oracle: every slice of a volume read without resampling is a source slice at the position,
+    orientation and pixel spacing the volume's geometry gives it."""
+    import pydicom
+
+    sources = []
+    for path in files:
+        with contextlib.suppress(Exception):
+            ds = pydicom.dcmread(path, force=True)
+            sources.append(ds)
+    for volume in volumes:
+        if volume.metadata.get("resampled"):
+            continue
+        geometry = volume.geometry
+        matrix = geometry.direction_matrix
+        for k in range(volume.shape[0]):
+            where = geometry.index_to_lps([[0, 0, k]])[0]
+            match = False
+            for ds in sources:
+                try:
+                    position = np.asarray([float(v) for v in ds.ImagePositionPatient])
+                    orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+                    pixels = ds.pixel_array
+                except Exception:
+                    continue
+                spacing = [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])]
+                match = (
+                    np.allclose(position, where, atol=0.05)
+                    and np.allclose(orientation, np.r_[matrix[:, 0], matrix[:, 1]], atol=1e-3)
+                    and np.allclose(spacing[::-1], geometry.spacing[:2], rtol=1e-4)
+                    and pixels.shape == volume.shape[1:]
+                    and np.array_equal(pixels, volume.array[k])
+                )
+                if match:
+                    break
+            if not match:
+                raise AssertionError(f"slice {k} of {volume.name} lies on no source slice: a silently wrong grid")
+
+
+def dicom_geometry_case(d: Draw, work: Path) -> Case:
+    """A small MR series (3-6 slices, any of four orientations) with 1-3 geometry edits (a gap,
+    uneven or duplicate positions, a tilted slice, a localizer, an in-plane shift, missing position,
+    orientation or pixel spacing, a DICOM-SEG or a one-slice series beside it)."""
+    from pydicom import config
+
+    config.settings.writing_validation_mode = config.IGNORE
+    case_dir = _prepare_dirs(work)
+    count, rows, columns = d.int(3, 6), d.int(2, 4), d.int(2, 4)
+    name = d.choice(list(GEOMETRY_ORIENTATIONS))
+    orientation = np.asarray(GEOMETRY_ORIENTATIONS[name], dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    step = d.choice([0.5, 1.0, 2.5, 4.0])
+    origin = np.asarray([d.choice([0.0, -20.5, 13.25]), 7.0, -3.5])
+    steps = [f"{name} series of {count} slices {rows}x{columns}, {step} mm apart"]
+    slices: list[dict[str, Any]] = [
+        {"position": origin + k * step * normal, "orientation": orientation.copy(), "series": "200", "index": k}
+        for k in range(count)
+    ]
+    for _ in range(d.int(1, 3)):
+        edit = d.choice(GEOMETRY_EDITS)
+        k = d.int(1, len(slices) - 1) if len(slices) > 1 else 0
+        if edit == "gap" and len(slices) > 2:
+            del slices[d.int(1, len(slices) - 2)]
+        elif edit == "uneven":
+            slices[k]["position"] = slices[k]["position"] + d.choice([0.3, -0.7, 1.1]) * normal
+        elif edit in ("duplicate", "equal"):
+            copy = dict(slices[k], index=len(slices) + 10)
+            if edit == "equal":
+                copy["position"] = slices[0]["position"]
+            slices.append(copy)
+        elif edit == "same-file":
+            slices.append(dict(slices[k], same_as=slices[k]["index"]))
+        elif edit == "tilt":
+            angle = d.choice([0.01, 0.05, 0.2])
+            slices[k]["orientation"] = np.r_[orientation[:3], np.cos(angle) * orientation[3:] + np.sin(angle) * normal]
+        elif edit == "localizer":
+            other = GEOMETRY_ORIENTATIONS[d.choice([n for n in GEOMETRY_ORIENTATIONS if n != name])]
+            slices.append({"position": origin, "orientation": np.asarray(other, float), "index": 50, "series": "200"})
+        elif edit == "shear":
+            slices[k]["position"] = slices[k]["position"] + d.choice([0.2, 1.0, 5.0]) * orientation[:3]
+        elif edit in ("no-position", "no-orientation", "no-spacing"):
+            for item in slices if d.bool() else [slices[k]]:
+                item[edit] = True
+        elif edit == "long-orientation":
+            slices[k]["orientation"] = slices[k]["orientation"] * 1.5
+        elif edit == "seg":
+            slices.append(
+                {"position": origin, "orientation": orientation, "index": 60, "series": d.choice(["200", "900"])}
+            )
+            slices[-1]["sop_class"] = "1.2.840.10008.5.1.4.1.1.66.4"
+        elif edit == "one-slice-series":
+            slices.append({"position": origin, "orientation": orientation, "index": 70, "series": "300"})
+        steps.append(f"{edit} (slice {k})")
+    paths = []
+    for number, item in enumerate(slices):
+        index = item.get("same_as", item["index"])
+        ds = _dicom_dataset(index, rows, columns, False, f"1.2.826.0.1.3680043.8.498.{item['series']}")
+        ds.ImagePositionPatient = [round(float(v), 4) for v in item["position"]]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in item["orientation"]]
+        ds.PixelData = _slice_pixels(index, rows, columns).tobytes()
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if item.get(
+                "no-"
+                + {"ImagePositionPatient": "position", "ImageOrientationPatient": "orientation"}.get(keyword, "spacing")
+            ):
+                delattr(ds, keyword)
+        if "sop_class" in item:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = item["sop_class"]
+        path = case_dir / f"im{number:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    steps.append("positions: " + "; ".join(f"{np.round(item['position'], 3).tolist()}" for item in slices))
+
+    def run() -> str:
+        from napari_spineseg.io import read_volumes
+
+        volumes = read_volumes(case_dir)
+        _check_dicom_grid(volumes, paths)
+        return repr([(v.name, v.shape, v.geometry, v.metadata.get("warnings")) for v in volumes])
+
+    return Case("dicomgeo", run, steps, paths)
+
+
+NIFTI_UNITS = {"mm": 2, "micron": 3, "meter": 1, "unknown": 0}
+
+
+def _rotation(d: Draw) -> np.ndarray:
+    angle = d.choice([0.0, 0.0, 0.3, math.pi / 2, math.pi])
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def nifti_geometry_case(d: Draw, work: Path) -> Case:
+    """A small NIfTI-1 written by nibabel with random geometry fields: qform and sform (codes 0-4,
+    disagreeing offsets, shear), pixdim size and sign, xyzt_units, vox_offset, a short file, NaN/Inf
+    voxels, complex or 2-D data."""
+    import nibabel as nib
+
+    case_dir = _prepare_dirs(work)
+    shape = (d.int(2, 5), d.int(2, 5), d.int(2, 4)) if d.bool(0.9) else (d.int(2, 5), d.int(2, 5))
+    dtype = d.choice(["float32", "int16", "uint8", "complex64"] if d.bool(0.2) else ["float32", "int16"])
+    array = (np.arange(int(np.prod(shape))).reshape(shape) % 50).astype(dtype)
+    steps = [f"{dtype} shape {shape}"]
+    if dtype == "float32" and d.bool(0.3):
+        array.flat[d.int(0, array.size - 1)] = d.choice([np.nan, np.inf, -np.inf])
+        steps.append("a NaN/Inf voxel")
+    zooms = np.asarray([d.choice([1.0, 0.5, 3.0, 1e-30, 1e-3, 2e3]) if d.bool(0.3) else 1.0 for _ in range(3)])
+    sform = np.eye(4)
+    sform[:3, :3] = _rotation(d) @ np.diag(zooms)
+    sform[:3, 3] = [d.choice([0.0, -40.0, 12.5]) for _ in range(3)]
+    image = nib.Nifti1Image(array, sform)
+    qform = sform.copy()
+    if d.bool(0.3):
+        qform[:3, 3] += [d.choice([0.0, 3.0, -10.0]), 0.0, 0.0]
+        steps.append(f"qform offset {qform[:3, 3].tolist()}")
+    image.set_qform(qform, code=d.choice([0, 1, 1, 2]))
+    if d.bool(0.2):
+        sform[0, 1] += d.choice([0.2, 1.0])
+        steps.append("sheared sform")
+    image.set_sform(sform, code=d.choice([0, 1, 2, 2, 4]))
+    image.header.set_xyzt_units(d.choice(list(NIFTI_UNITS)))
+    path = case_dir / ("image.nii.gz" if d.bool(0.3) else "image.nii")
+    nib.save(image, path)
+    data = bytearray(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
+    if d.bool(0.2):  # in the bytes: nibabel refuses to save it
+        at = 76 + 4 * d.int(1, 3)
+        struct.pack_into("<f", data, at, -struct.unpack_from("<f", data, at)[0])
+        steps.append(f"negative pixdim at byte {at}")
+    if d.bool(0.15):
+        struct.pack_into("<f", data, 108, d.choice([0.0, 348.0, 1e9, float(len(data) + 4)]))
+        steps.append(f"vox_offset {struct.unpack_from('<f', data, 108)[0]}")
+    if d.bool(0.15):
+        data = data[: -d.int(1, min(200, len(data) - 352))]
+        steps.append(f"cut to {len(data)} bytes")
+    path.write_bytes(gzip.compress(bytes(data), mtime=0) if path.suffix == ".gz" else bytes(data))
+    pixdim = struct.unpack_from("<3f", data, 80)
+    codes = struct.unpack_from("<2h", data, 252)
+    steps.append(f"codes q{codes[0]} s{codes[1]}, xyzt_units {data[123]}, pixdim {pixdim}")
+
+    def run() -> str:
+        from napari_spineseg.io import read_volumes
+
+        (volume,) = read_volumes(path)
+        _check_nifti_geometry(volume, path)
+        return repr((volume.shape, volume.geometry, volume.metadata.get("warnings")))
+
+    return Case("niftigeo", run, steps, [path])
+
+
+def _check_nifti_geometry(volume: Any, path: Path) -> None:
+    """Oracle: a NIfTI read without a warning lies where nibabel places it, with plausible spacing,
+    and its voxels are nibabel's (NaN/Inf only with a warning)."""
+    import nibabel as nib
+
+    image = nib.load(path)
+    header = image.header
+    warnings = volume.metadata.get("warnings", [])
+    if not all(0.01 <= s <= 100 for s in volume.spacing):
+        raise AssertionError(f"implausible spacing {volume.spacing} accepted")
+    voxels = np.asanyarray(image.dataobj)
+    if np.iscomplexobj(voxels):
+        raise AssertionError("complex voxels accepted")
+    if voxels.ndim == 3 and image.dataobj.offset >= 352 and not any("NaN" in w for w in warnings):
+        if not np.isfinite(voxels).all():
+            raise AssertionError("NaN/Inf voxels read without a warning")
+        if not np.allclose(np.transpose(voxels, (2, 1, 0)), volume.array, equal_nan=True):
+            raise AssertionError("voxels differ from nibabel's")
+    codes = int(header["sform_code"]) > 0 or int(header["qform_code"]) > 0
+    if codes and not any("pixdim" in w for w in warnings):
+        scale = {"micron": 1e-3, "meter": 1e3}.get(header.get_xyzt_units()[0], 1.0)
+        expected = image.affine.copy()
+        expected[:3] *= scale
+        if not np.allclose(volume.geometry.affine_ras(), expected, atol=1e-3):
+            raise AssertionError("labels would not land where nibabel places the study")
+
+
+# --------------------------------------------------------------------------------------------
 TARGETS: dict[str, Callable[[Draw, Path], Case]] = {
     "mha": lambda d, w: metaimage_case(d, w, detached=False),
     "mhd": lambda d, w: metaimage_case(d, w, detached=True),
     "nifti": nifti_case,
     "nrrd": lambda d, w: nrrd_case(d, w, detached=d.bool(0.3)),
     "dicom": dicom_case,
+    "dicomgeo": dicom_geometry_case,
+    "niftigeo": nifti_geometry_case,
     "model": model_case,
     "cli": cli_case,
     "paths": paths_case,

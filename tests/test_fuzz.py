@@ -54,6 +54,14 @@ def test_dicom_tags_fuzzed(data, tmp_path_factory) -> None:
     _check("dicom", data, tmp_path_factory.mktemp("dicom"))
 
 
+@pytest.mark.parametrize("target", ["dicomgeo", "niftigeo"])
+@settings(FUZZ, max_examples=40)
+@given(data=st.data())
+def test_geometry_families_are_never_silently_wrong(target: str, data, tmp_path_factory) -> None:
+    """Red-team families (issue #18): a read that succeeds lies on the source's grid (or says why not)."""
+    _check(target, data, tmp_path_factory.mktemp(target))
+
+
 @FUZZ
 @given(data=st.data())
 def test_model_files_fuzzed(data, tmp_path_factory) -> None:

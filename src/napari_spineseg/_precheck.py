@@ -35,6 +35,11 @@ MAX_METAIMAGE_VALUE = 250
 MAX_SPACING_MM = 1e5  # geometry far beyond anything physical (a voxel of 100 m) is refused
 MAX_ORIGIN_MM = 1e9
 MAX_DIRECTION = 1e3  # direction cosines are at most 1 in size
+# Voxel sizes a study can have (10 um .. 100 mm): outside this the header's spacing or units are wrong, and
+# a model resampling to millimetres would see nothing (red-team issue #18: pixdim 1e-30, micrometre units).
+MIN_STUDY_SPACING_MM = 0.01
+MAX_STUDY_SPACING_MM = 100.0
+ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I| per entry: float32 headers round at ~1e-6
 
 _MET_BYTES = {"CHAR": 1, "UCHAR": 1, "ASCII_CHAR": 1, "SHORT": 2, "USHORT": 2, "INT": 4, "UINT": 4, "LONG": 4}
 _MET_BYTES |= {"ULONG": 4, "FLOAT": 4, "LONG_LONG": 8, "ULONG_LONG": 8, "DOUBLE": 8}
@@ -64,11 +69,14 @@ def check_declared_bytes(size: tuple[int, ...], item_bytes: int, shown: Path | s
         )
 
 
-def check_geometry(spacing, origin, direction, shown: Path | str) -> None:
-    """Refuse non-finite or physically absurd geometry before ITK computes with it.
+def check_geometry(spacing, origin, direction, shown: Path | str, units: str = "") -> None:
+    """Refuse non-finite, physically absurd or non-orthonormal geometry before ITK computes with it.
 
     A direction entry near the largest double (non-orthogonal matrix) makes ITK's reader loop
     forever inside its matrix code; far beyond anything physical, these bounds refuse no real study.
+    A sheared or scaled direction matrix cannot be kept by the label writers (NIfTI coerces it to
+    another, orthogonal one), and a spacing outside :data:`MIN_STUDY_SPACING_MM`..
+    :data:`MAX_STUDY_SPACING_MM` is a header error (``units`` names the header's stated units).
     """
     problems = []
     if not all(math.isfinite(s) and 0 < abs(s) <= MAX_SPACING_MM for s in spacing):
@@ -79,6 +87,34 @@ def check_geometry(spacing, origin, direction, shown: Path | str) -> None:
         problems.append(f"direction ({', '.join(f'{d:.3g}' for d in direction)})")
     if problems:
         raise VolumeReadError(f"{shown}: implausible geometry in the header ({'; '.join(problems)})"[:400])
+    spatial = list(spacing)[:3]  # a 4th axis is time (seconds or milliseconds)
+    if not all(MIN_STUDY_SPACING_MM <= abs(s) <= MAX_STUDY_SPACING_MM for s in spatial):
+        stated = f"; the header gives its units as {units}" if units else ""
+        raise VolumeReadError(
+            f"{shown}: voxel spacing ({', '.join(f'{s:.4g}' for s in spatial)}) mm is implausible for a study "
+            f"(expected {MIN_STUDY_SPACING_MM:g} to {MAX_STUDY_SPACING_MM:g} mm{stated}): "
+            "fix the header's spacing or units"
+        )
+    check_orthonormal(direction, shown)
+
+
+def check_orthonormal(direction, shown: Path | str) -> None:
+    """Refuse a direction matrix that is not a rotation/reflection (sheared or scaled axes)."""
+    values = [float(d) for d in direction]
+    n = math.isqrt(len(values))
+    if n * n != len(values) or n < 2:
+        return
+    rows = [values[i * n : (i + 1) * n] for i in range(n)]
+    worst = max(
+        abs(sum(rows[k][i] * rows[k][j] for k in range(n)) - (1.0 if i == j else 0.0))
+        for i in range(n)
+        for j in range(n)
+    )
+    if worst > ORTHONORMAL_TOLERANCE:
+        raise VolumeReadError(
+            f"{shown}: the direction matrix is not orthonormal (sheared or scaled axes, off by {worst:.3g}); "
+            "labels could not keep this geometry: resample the study onto an orthogonal grid first"
+        )
 
 
 def sitk_item_bytes(pixel_id_text: str, components: int) -> int:

@@ -21,18 +21,18 @@ are swallowed and only counted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .dicom_series import POSITION_TOLERANCE_MM, series_geometry
+from .dicom_series import quiet_dicom_libraries as _quiet_dicom_libraries
 from .errors import GeometryMismatchError, InputError, VolumeReadError, VolumeWriteError
 from .io import atomic_path, is_dicom_file, label_dtype
 from .schema import DEFAULT_CLASSES, LabelClass, class_for_value
@@ -48,9 +48,6 @@ logger = logging.getLogger(__name__)
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NOT_DICOM_MESSAGE = "DICOM-SEG needs a DICOM source series"
-
-# Positions closer than this (mm) are the same slice; in-plane offsets must be smaller too.
-POSITION_TOLERANCE_MM = 0.05
 
 
 # Coded terms -----------------------------------------------------------------------------------
@@ -88,27 +85,6 @@ GENERIC_CODING = SegmentCoding(_TISSUE, _TISSUE)
 def segment_coding(label_class: LabelClass) -> SegmentCoding:
     """The coded category/type of a class (by name; unknown classes are generic "Tissue")."""
     return SEGMENT_CODES.get(label_class.name.strip().lower(), GENERIC_CODING)
-
-
-# Quiet third-party output -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_dicom_libraries() -> Iterator[None]:
-    """Swallow highdicom/pydicom warnings and INFO logs: their text may quote patient attributes."""
-    library_loggers = [logging.getLogger(name) for name in ("highdicom", "pydicom")]
-    levels = [lib.level for lib in library_loggers]
-    for lib in library_loggers:
-        lib.setLevel(logging.WARNING)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for lib, level in zip(library_loggers, levels):
-                lib.setLevel(level)
-    if caught:
-        logger.debug("%d DICOM library warning(s) not shown (they may quote patient attributes)", len(caught))
 
 
 # Source series ---------------------------------------------------------------------------------
@@ -201,29 +177,6 @@ def _series_candidates(source: str | os.PathLike | Sequence[pydicom.Dataset] | V
             raise InputError("multi-frame (enhanced) DICOM sources are not supported; use a single-frame series")
         groups.setdefault(str(dataset.SeriesInstanceUID), []).append(dataset)
     return list(groups.values())
-
-
-def series_geometry(datasets: Sequence[pydicom.Dataset]) -> Geometry:
-    """The voxel grid of a single-frame series, slices sorted along the normal (as ITK/GDCM read it)."""
-    first = datasets[0]
-    orientation = np.asarray([float(v) for v in first.ImageOrientationPatient], dtype=float)
-    row, column = orientation[:3], orientation[3:]
-    normal = np.cross(row, column)
-    positions = np.asarray([[float(v) for v in d.ImagePositionPatient] for d in datasets])
-    order = np.argsort(positions @ normal)
-    positions = positions[order]
-    if len(datasets) > 1:
-        slice_spacing = float((positions[-1] - positions[0]) @ normal) / (len(datasets) - 1)
-    else:
-        slice_spacing = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
-    direction = np.column_stack([row, column, normal])
-    return Geometry(
-        (int(first.Columns), int(first.Rows), len(datasets)),
-        (column_spacing, row_spacing, max(abs(slice_spacing), 1e-6)),
-        tuple(positions[0]),
-        tuple(direction.ravel()),
-    )
 
 
 def _slice_order(geometry: Geometry, datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset] | str:

@@ -136,6 +136,13 @@ class SegmentationSettings:
                 raise InputError(f"unknown uncertainty {self.uncertainty!r}: choose entropy or disagreement") from None
         if int(self.batch_size) < 1:
             raise InputError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.plane_weights is not None:
+            from .modelfile import check_plane_weights
+
+            try:
+                self.plane_weights = check_plane_weights(self.plane_weights)
+            except (ValueError, TypeError) as error:
+                raise InputError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -321,7 +328,7 @@ class Predictor:
             return dict.fromkeys(planes, 1.0)
         source = self.settings.plane_weights or (self.model.metadata.plane_weights if self.model else {}) or {}
         weights = {p: float(source.get(p.value, 1.0)) for p in planes}
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        if not all(np.isfinite(w) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise InputError(f"plane weights must be non-negative and not all zero, got {source}")
         return weights
 

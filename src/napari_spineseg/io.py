@@ -9,11 +9,13 @@ target directory is renamed over the destination only when complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +91,7 @@ def _first_line(error: BaseException) -> str:
             text = text.rsplit(marker, 1)[1]
     text = re.sub(r"\w+IO\(0x[0-9a-f]+\):\s*", "", " ".join(text.split())).strip()
     text = re.sub(r"Exception thrown in SimpleITK \w+:\s*", "", text)
-    text = re.sub(r"\S+\.(?:cxx|hxx|cpp|txx|h):\d+:(?:\s*\(\))?:?\s*", "", text).strip()
+    text = re.sub(r"\S+\.(?:cxx|hxx|cpp|txx|h)(?::\d+|,? line \d+)?:?(?:\s*\(\))?:?\s*", "", text).strip()
     text = re.sub(r"\S*/\.[^/\s]+\.part[^\s:]*", "the temporary file", text)  # atomic_path's names
     if "Unable to determine ImageIO reader" in text:
         text = "not a recognised image format"
@@ -109,8 +111,111 @@ def _nifti_sibling_clash(path: Path) -> bool:
     return False
 
 
-def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> None:
-    """ITK reads a truncated NIfTI without complaint (missing voxels become 0): check sizes first."""
+_QUIET_LOCK = threading.Lock()
+_QUIET_DEPTH = 0
+_QUIET_PREVIOUS = True
+
+
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Silence ITK's global warning display (multi-line messages naming C++ files) while reading.
+
+    What matters in those warnings (uneven DICOM slices, non-orthogonal matrices, qform/sform
+    choices) is checked here and reported as one-line warnings or errors instead.
+    """
+    import SimpleITK as sitk
+
+    global _QUIET_DEPTH, _QUIET_PREVIOUS
+    with _QUIET_LOCK:  # reads may run in worker threads: the first in switches off, the last out restores
+        if _QUIET_DEPTH == 0:
+            _QUIET_PREVIOUS = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        _QUIET_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET_DEPTH -= 1
+            if _QUIET_DEPTH == 0:
+                sitk.ProcessObject.SetGlobalWarningDisplay(_QUIET_PREVIOUS)
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel logs header fixes ("vox offset not divisible by 16 ...") to stderr: keep them at debug."""
+    library = logging.getLogger("nibabel")
+    level = library.level
+    library.setLevel(logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(active: bool = True) -> Iterator[None]:
+    """Discard what C libraries print on file descriptor 2 (the NIfTI library's "pixdim[1,2,3] should be
+    positive" line, reported here as our own warning instead)."""
+    if not active:
+        yield
+        return
+    import sys
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@dataclasses.dataclass
+class _NiftiInfo:
+    """What the NIfTI pre-read learned: nibabel's header and the count of NaN/infinite voxels."""
+
+    header: Any
+    non_finite: int = 0
+    negative_pixdim: bool = False  # in the file (nibabel's loaded header holds the absolute values)
+
+
+_NIFTI_UNITS_MM = {"mm": 1.0, "micron": 1e-3, "meter": 1e3}
+
+
+def _scan_nifti_data(stream, offset: int, count: int, dtype: np.dtype, scan: bool) -> tuple[int, int]:
+    """Bytes available for ``count`` voxels after ``offset`` in ``stream``, and (for a float ``dtype``)
+    how many of them are NaN or infinite; reads in chunks, never the whole file at once."""
+    skipped = 0
+    while skipped < offset:
+        chunk = stream.read(min(1 << 22, offset - skipped))
+        if not chunk:
+            return skipped, 0
+        skipped += len(chunk)
+    item = dtype.itemsize
+    wanted, got, bad, carry = count * item, 0, 0, b""
+    while got < wanted:
+        chunk = stream.read(min(1 << 22, wanted - got))
+        if not chunk:
+            break
+        got += len(chunk)
+        if scan:
+            chunk = carry + chunk
+            whole = len(chunk) - len(chunk) % item
+            bad += int((~np.isfinite(np.frombuffer(chunk[:whole], dtype))).sum())
+            carry = chunk[whole:]
+    return offset + got, bad
+
+
+def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> _NiftiInfo:
+    """ITK reads a truncated NIfTI without complaint (missing voxels become 0, and so do NaN/infinite
+    values): check the size against the real data offset first, and count non-finite voxels."""
     import gzip
     import zlib
 
@@ -119,32 +224,104 @@ def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> None:
     from ._precheck import check_declared_bytes
 
     try:
-        header = nib.load(str(path)).header
+        with _quiet_nibabel():
+            image = nib.load(str(path))
+        header = image.header
         shape = tuple(int(s) for s in header.get_data_shape())
-        itemsize = header.get_data_dtype().itemsize
-        needed = int(header.get_data_offset()) + math.prod(shape) * itemsize  # exact: np.prod can overflow
+        dtype = header.get_data_dtype()
+        # The loaded header reports vox_offset 0 (nibabel resets it for saving): use the data's offset.
+        offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
+        with _quiet_nibabel(), nib.openers.ImageOpener(str(path)) as stream:
+            raw = type(header).from_fileobj(stream, check=False)
+        negative = bool(np.any(np.asarray(raw["pixdim"][1:4]) < 0))
+        if bytes(header["magic"]).startswith((b"n+1", b"n+2")):  # a single file: the NIfTI library's minimum
+            offset = max(offset, int(getattr(header, "single_vox_offset", 0)))
     except Exception as error:  # nibabel raises many types for bad headers
         raise VolumeReadError(f"{shown}: corrupt or unrecognised NIfTI header ({_first_line(error)})") from None
+    if limit and len(shape) < 3:
+        raise VolumeReadError(
+            f"{shown}: a 2-D image ({' x '.join(map(str, shape))} pixels), not a volume: a study must be 3-D"
+        )
     if limit:
-        check_declared_bytes(shape, itemsize, shown)
-    if path.name.lower().endswith(".gz"):
-        available = 0
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    available += len(chunk)
-                    if available >= needed:
-                        return
-        except (OSError, EOFError, zlib.error) as error:
-            raise VolumeReadError(f"{shown}: truncated or corrupt compressed data ({_first_line(error)})") from None
-    else:
-        available = path.stat().st_size
+        check_declared_bytes(shape, dtype.itemsize, shown)
+    count = math.prod(shape)  # exact: np.prod can overflow
+    needed = offset + count * dtype.itemsize
+    compressed = path.name.lower().endswith(".gz")
+    scan = dtype.kind == "f" and limit
+    if not compressed:
+        size = path.stat().st_size
+        if offset > size:
+            raise VolumeReadError(f"{shown}: the voxel data offset ({offset} bytes) lies past the end of the file")
+        if size < needed:
+            raise VolumeReadError(f"{shown}: truncated voxel data ({size} of {needed} bytes)")
+        if not scan:
+            return _NiftiInfo(header, 0, negative)
+    try:
+        with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
+            available, bad = _scan_nifti_data(stream, offset, count, dtype, scan)
+    except (OSError, EOFError, zlib.error) as error:
+        raise VolumeReadError(f"{shown}: truncated or corrupt compressed data ({_first_line(error)})") from None
+    if available <= offset < needed:
+        raise VolumeReadError(f"{shown}: the voxel data offset ({offset} bytes) lies past the end of the data")
     if available < needed:
         raise VolumeReadError(f"{shown}: truncated voxel data ({available} of {needed} bytes)")
+    return _NiftiInfo(header, bad, negative)
 
 
-def _reader_image(path: Path, shown: Path | None = None):
-    """Read ``path`` with SimpleITK; errors name ``shown`` (the user's path)."""
+def _nifti_units(header) -> str:
+    try:
+        return str(header.get_xyzt_units()[0])
+    except Exception:  # an unknown code
+        return "unknown"
+
+
+def _nifti_geometry(header, itk: Geometry, shown: Path, warnings: list[str]) -> Geometry:
+    """The geometry nibabel documents for this header: the sform when ``sform_code`` > 0, else the qform
+    when ``qform_code`` > 0 (``Nifti1Header.get_best_affine``), in the header's units.
+
+    ITK prefers a scanner-coded qform over an sform of another code, and ignores the sign of a
+    negative pixdim; labels must land where nibabel (and most NIfTI tools) place the study, so that
+    geometry is used, with a one-line warning whenever the two readings differ.
+    """
+    try:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        affine = header.get_sform() if sform_code > 0 else header.get_qform() if qform_code > 0 else None
+    except Exception:  # nibabel refuses e.g. a qform with negative pixdim: ITK's reading stands
+        affine = None
+    if affine is None or not np.isfinite(affine).all():
+        return itk
+    which = "sform" if sform_code > 0 else "qform"
+    scale = _NIFTI_UNITS_MM.get(_nifti_units(header), 1.0)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ (np.asarray(affine[:3], dtype=float) * scale)
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    if not np.all(spacing > 0):
+        return itk
+    direction = lps[:, :3] / spacing
+    from ._precheck import check_orthonormal
+
+    check_orthonormal(direction.ravel(), f"{shown} ({which})")
+    geometry = Geometry(itk.size, tuple(spacing), tuple(lps[:, 3]), tuple(direction.ravel()))
+    if sform_code > 0 and qform_code > 0:
+        with contextlib.suppress(Exception):
+            qform = header.get_qform()
+            corners = np.array(
+                [[i, j, k, 1] for i in (0, itk.size[0] - 1) for j in (0, itk.size[1] - 1) for k in (0, itk.size[2] - 1)]
+            )
+            apart = float(np.abs((corners @ (qform - affine).T)[:, :3]).max() * scale)
+            if apart > 0.01:
+                warnings.append(
+                    f"qform and sform disagree (up to {apart:.3g} mm apart): using the sform, as nibabel does"
+                )
+                return geometry
+    if not geometry.is_close(itk, tolerance=1e-3):
+        warnings.append(f"ITK and nibabel read this header differently: using the {which}, as nibabel does")
+        return geometry
+    return itk
+
+
+def _reader_image(path: Path, shown: Path | None = None) -> tuple[Any, _NiftiInfo | None]:
+    """Read ``path`` with SimpleITK; errors name ``shown`` (the user's path).  For NIfTI, also what
+    the pre-read found (nibabel's header, non-finite voxels)."""
     import SimpleITK as sitk
 
     shown = shown or path
@@ -152,26 +329,39 @@ def _reader_image(path: Path, shown: Path | None = None):
         with tempfile.TemporaryDirectory() as private:
             link = Path(private) / path.name
             link.symlink_to(path.resolve())
-            image = _reader_image(link, shown)
-        return image
-    if volume_suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path, shown)
+            return _reader_image(link, shown)
+    info = _check_nifti_complete(path, shown) if volume_suffix(path) in (".nii", ".nii.gz") else None
+    negative = info is not None and info.negative_pixdim
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_itk(), _native_stderr_silenced(negative):
+            reader.ReadImageInformation()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: corrupt or unrecognised header ({_first_line(error)})") from None
     from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
 
-    item = sitk_item_bytes(sitk.GetPixelIDValueAsString(reader.GetPixelID()), reader.GetNumberOfComponents())
+    pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel_type:
+        raise VolumeReadError(
+            f"{shown}: complex-valued voxels (raw or phase data) are not supported: give a magnitude image"
+        )
+    item = sitk_item_bytes(pixel_type, reader.GetNumberOfComponents())
     check_declared_bytes(tuple(reader.GetSize()), item, shown)
-    check_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), shown)
+    units = _nifti_units(info.header) if info is not None else ""
+    check_geometry(
+        reader.GetSpacing(),
+        reader.GetOrigin(),
+        reader.GetDirection(),
+        shown,
+        "" if units in ("mm", "unknown") else units,
+    )
     try:
-        image = reader.Execute()
+        with quiet_itk(), _native_stderr_silenced(negative):
+            image = reader.Execute()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: truncated or corrupt voxel data ({_first_line(error)})") from None
-    return image
+    return image, info
 
 
 def _to_scalar_3d(image, path: Path, warnings: list[str]):
@@ -265,24 +455,72 @@ def _read_volumes(path: Path) -> list[Volume]:
         check_metaimage_header(path, path)  # ITK's MetaIO crashes on some malformed headers
     elif suffix in (".nrrd", ".nhdr"):
         check_nrrd_header(path, path)
-    image = _reader_image(path)
+    image, info = _reader_image(path)
     metadata: dict[str, Any] = {"format": suffix.lstrip(".")}
-    return [_finish(image, path, strip_suffix(path), metadata, [])]
+    warnings: list[str] = []
+    if info is not None and info.non_finite:
+        warnings.append(f"{info.non_finite} voxels are NaN or infinite: treated as 0")
+    if info is not None and info.negative_pixdim:
+        warnings.append("negative pixdim in the header: read as positive (as nibabel and the NIfTI library do)")
+    volume = _finish(image, path, strip_suffix(path), metadata, warnings)
+    if info is not None:
+        extra: list[str] = []
+        geometry = _nifti_geometry(info.header, volume.geometry, path, extra)
+        if extra:
+            volume.geometry = geometry
+            volume.metadata["warnings"] = volume.metadata["warnings"] + extra
+            for warning in extra:
+                logger.warning("%s: %s", path, warning)
+    return [volume]
 
 
 # DICOM ---------------------------------------------------------------------------------------
 
 
 def _series_ids(directory: Path) -> list[str]:
+    """The image series of ``directory`` (GDCM's series ids), without non-image objects and localizers."""
+    return [series_id for series_id, _ in _image_series(directory)[0]]
+
+
+def _gdcm_series_ids(directory: Path) -> list[str]:
     import SimpleITK as sitk
 
     from ._precheck import check_dicom_directory
 
     check_dicom_directory(directory)  # GDCM can allocate gigabytes for one corrupt element
     try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
+        with quiet_itk():
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
     except RuntimeError as error:
         raise VolumeReadError(f"{directory}: cannot scan for DICOM series ({_first_line(error)})") from None
+
+
+def _image_series(directory: Path) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The series of ``directory`` holding images (id and files), and one-line notes on the series
+    skipped: non-image objects (DICOM-SEG, SR, presentation states, ...) and, beside other series,
+    one-slice localizers."""
+    from .dicom_series import describe_skipped, non_image_kind, read_header
+
+    kept: list[tuple[str, list[str], bool]] = []
+    skipped: list[str] = []
+    for series_id in _gdcm_series_ids(directory):
+        files = _series_files(directory, series_id)
+        header = read_header(files[0]) if files else None
+        kind = non_image_kind(header) if header is not None else None
+        if kind:  # a series whose first file is a SEG, SR, ...: kept if any file of it is an image
+            kinds = [non_image_kind(h) if h is not None else None for h in map(read_header, files)]
+            if all(kinds):
+                skipped += kinds
+                continue
+        frames = header.get("NumberOfFrames", 1) if header is not None else 1
+        single = len(files) == 1 and str(frames or 1).strip() in ("", "1")
+        kept.append((series_id, files, single))
+    notes = [f"skipped {describe_skipped(skipped)} (not images)"] if skipped else []
+    volumes = [(series_id, files) for series_id, files, single in kept if not single]
+    if volumes and len(volumes) < len(kept):
+        notes.append(f"skipped {len(kept) - len(volumes)} one-slice series (localizers?)")
+        return volumes, notes
+    return [(series_id, files) for series_id, files, _ in kept], notes
 
 
 def _safe_dicom_tags(file_name: str) -> dict[str, str]:
@@ -303,36 +541,57 @@ def _safe_dicom_tags(file_name: str) -> dict[str, str]:
 
 
 def _read_series(directory: Path, series_id: str) -> Volume:
-    import SimpleITK as sitk
-
+    """Read the series ``series_id`` of ``directory`` (GDCM's grouping)."""
     files = _series_files(directory, series_id)
     if not files:
         raise VolumeReadError(f"{directory}: DICOM series {series_id} has no readable files")
-    _check_series_size(files, directory)
+    return _read_series_files(directory, series_id, files)
+
+
+def _read_series_files(directory: Path, series_id: str, files: list[str]) -> Volume:
+    """Read one series from its files: headers checked and laid out first (:mod:`.dicom_series`), then
+    the voxels read by GDCM/ITK in slice order onto that grid (resampled when the slices are uneven)."""
+    import SimpleITK as sitk
+
+    from .dicom_series import plan_series, resample_slices
+
     tags = _safe_dicom_tags(files[0])
-    warnings: list[str] = []
+    description = tags.get("series_description") or "series"
+    number = tags.get("series_number", "")
+    name = f"{description} ({number})" if number else description
+    plan = plan_series(files, f"{directory}: DICOM series {name!r}")
+    if plan is not None:
+        files = plan.files
+    _check_series_size(files, directory)
+    warnings: list[str] = list(plan.warnings) if plan is not None else []
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with quiet_itk():
+            image = reader.Execute()
     except RuntimeError as error:
         raise VolumeReadError(f"{directory}: cannot read DICOM series {series_id} ({_first_line(error)})") from None
     if image.GetDimension() == 3 and image.GetSize()[2] != len(files) and len(files) > 1:
         warnings.append(f"{len(files)} files gave {image.GetSize()[2]} slices")
     if len(files) == 1 and image.GetDimension() == 3 and image.GetSize()[2] == 1:
         raise VolumeReadError(f"{directory}: DICOM series {series_id} has a single slice, not a volume")
-    description = tags.get("series_description") or "series"
-    number = tags.get("series_number", "")
-    name = f"{description} ({number})" if number else description
     metadata = {"format": "dicom", "dicom": tags, "dicom_files": files, "series_id": series_id}
-    return _finish(image, directory, name, metadata, warnings)
+    volume = _finish(image, directory, name, metadata, warnings)
+    if plan is not None and volume.shape[0] == len(files) and volume.shape[1:] == plan.geometry.shape[1:]:
+        array = volume.array
+        if plan.resample:
+            array = resample_slices(array, plan.positions, plan.geometry.spacing[2], plan.geometry.size[2])
+            volume.metadata["resampled"] = True
+        volume = dataclasses.replace(volume, array=array, geometry=plan.geometry)
+    return volume
 
 
 def _series_files(directory: Path, series_id: str) -> list[str]:
     import SimpleITK as sitk
 
     try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
+        with quiet_itk():
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
     except RuntimeError as error:
         raise VolumeReadError(f"{directory}: cannot list DICOM series {series_id} ({_first_line(error)})") from None
 
@@ -354,23 +613,80 @@ def _check_series_size(files: list[str], directory: Path) -> None:
     if len(size) == 3:
         size[2] *= len(files)
     check_declared_bytes(tuple(size), item, directory)
-    check_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), files[0])
+    # One file's third spacing is its SliceThickness, not the series' step (checked with the positions).
+    in_plane = (*reader.GetSpacing()[:2], 1.0)[:3] if len(reader.GetSpacing()) >= 2 else reader.GetSpacing()
+    check_geometry(in_plane, reader.GetOrigin(), reader.GetDirection(), files[0])
 
 
 def _read_dicom_directory(directory: Path) -> list[Volume]:
-    series = _series_ids(directory)
+    dicomdir = next((p for p in directory.iterdir() if p.name.upper() == "DICOMDIR" and p.is_file()), None)
+    if dicomdir is not None:
+        from .dicom_series import dicomdir_files
+
+        if dicomdir_files(dicomdir, strict=False):
+            return _read_dicomdir(dicomdir)
+        logger.warning("%s: unreadable or empty DICOMDIR ignored; the folder is scanned instead", dicomdir)
+    series, notes = _image_series(directory)
     if not series:
         files = [p for p in directory.iterdir() if p.is_file()]
         if not files:
             raise VolumeReadError(f"{directory}: empty directory (no DICOM files)")
-        raise VolumeReadError(f"{directory}: no DICOM series found among {len(files)} file(s)")
-    return [_read_series(directory, series_id) for series_id in series]
+        found = f" ({'; '.join(notes)})" if notes else ""
+        raise VolumeReadError(f"{directory}: no DICOM image series found among {len(files)} file(s){found}")
+    volumes = [
+        _read_series_files(directory, series_id, files) if files else _read_series(directory, series_id)
+        for series_id, files in series
+    ]
+    return [_noted(volume, notes) for volume in volumes]
+
+
+def _noted(volume: Volume, notes: list[str]) -> Volume:
+    """``volume`` with the folder's notes (series skipped) added to its warnings, and logged."""
+    for note in notes:
+        logger.warning("%s: %s", volume.path, note)
+    volume.metadata["warnings"] = list(notes) + list(volume.metadata.get("warnings", []))
+    return volume
+
+
+def _read_dicomdir(path: Path) -> list[Volume]:
+    """Every image series a DICOMDIR references (files in its sub-folders), grouped by SeriesInstanceUID."""
+    from ._precheck import dicom_structure_problem
+    from .dicom_series import describe_skipped, dicomdir_files, non_image_kind, read_header
+
+    groups: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for file in dicomdir_files(path):
+        problem = dicom_structure_problem(file)
+        if problem:
+            raise VolumeReadError(f"{file}: corrupt DICOM file ({problem})")
+        header = read_header(file)
+        kind = non_image_kind(header) if header is not None else "unreadable file"
+        if kind:
+            skipped.append(kind)
+            continue
+        groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(str(file))
+    notes = [f"skipped {describe_skipped(skipped)} (not images)"] if skipped else []
+    if not groups:
+        raise VolumeReadError(
+            f"{path}: the DICOMDIR references no DICOM images{' (' + notes[0] + ')' if notes else ''}"
+        )
+    several = {uid: files for uid, files in groups.items() if len(files) > 1}
+    if several and len(several) < len(groups):
+        notes.append(f"skipped {len(groups) - len(several)} one-slice series (localizers?)")
+        groups = several
+    return [_noted(_read_series_files(path.parent, uid, files), notes) for uid, files in groups.items()]
 
 
 def _read_dicom_series_of_file(path: Path) -> Volume:
+    if path.name.upper() == "DICOMDIR":
+        volumes = _read_dicomdir(path)
+        if len(volumes) > 1:
+            names = ", ".join(v.name for v in volumes)
+            raise InputError(f"{path}: references {len(volumes)} DICOM series ({names}); give its folder to read all")
+        return volumes[0]
     directory = path.parent
     target = os.path.realpath(path)
-    for series_id in _series_ids(directory):
+    for series_id in _gdcm_series_ids(directory):
         files = _series_files(directory, series_id)
         if target in {os.path.realpath(f) for f in files}:
             return _read_series(directory, series_id)

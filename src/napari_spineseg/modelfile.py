@@ -151,7 +151,7 @@ class ModelMetadata:
                 preprocess=dict(data.get("preprocess") or {}),
                 postprocess=dict(data.get("postprocess") or {}),
                 planes=planes,
-                plane_weights={str(k): float(v) for k, v in (data.get("plane_weights") or {}).items()},
+                plane_weights=check_plane_weights(data.get("plane_weights") or {}),
                 training=dict(data.get("training") or {}),
                 metrics=dict(data.get("metrics") or {}),
                 description=str(data.get("description", "")),
@@ -160,6 +160,22 @@ class ModelMetadata:
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as error:
             raise ModelFileError(f"{source}: invalid model metadata ({str(error)[:200]})") from None
+
+
+def check_plane_weights(weights: Any) -> dict[str, float]:
+    """Plane weights as ``{plane: weight}``: planes named axial/coronal/sagittal, weights finite and
+    non-negative, not all zero (NaN or infinite weights fuse to all-zero labels).  ValueError otherwise."""
+    if not isinstance(weights, dict):
+        raise ValueError("plane_weights must be a mapping of plane to weight")
+    checked = {str(k): float(v) for k, v in weights.items()}
+    unknown = set(checked) - {"axial", "coronal", "sagittal"}
+    if unknown:
+        raise ValueError(f"plane_weights name unknown planes {sorted(unknown)}")
+    if not all(math.isfinite(v) and v >= 0 for v in checked.values()):
+        raise ValueError(f"plane weights must be finite and non-negative, got {checked}")
+    if checked and sum(checked.values()) <= 0:
+        raise ValueError(f"plane weights must not all be zero, got {checked}")
+    return checked
 
 
 def _check_processing(preprocess: Any, postprocess: Any) -> None:
