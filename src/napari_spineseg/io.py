@@ -116,7 +116,7 @@ def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> None:
 
     import nibabel as nib
 
-    from ._precheck import check_declared_bytes
+    from .header_checks import check_declared_bytes
 
     try:
         header = nib.load(str(path)).header
@@ -162,7 +162,7 @@ def _reader_image(path: Path, shown: Path | None = None):
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: corrupt or unrecognised header ({_first_line(error)})") from None
-    from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
+    from .header_checks import check_declared_bytes, check_geometry, sitk_item_bytes
 
     item = sitk_item_bytes(sitk.GetPixelIDValueAsString(reader.GetPixelID()), reader.GetNumberOfComponents())
     check_declared_bytes(tuple(reader.GetSize()), item, shown)
@@ -259,7 +259,7 @@ def _read_volumes(path: Path) -> list[Volume]:
     suffix = volume_suffix(path)
     if not suffix:
         raise VolumeReadError(f"{path}: unknown format (expected {', '.join(VOLUME_SUFFIXES)} or DICOM)")
-    from ._precheck import check_metaimage_header, check_nrrd_header
+    from .header_checks import check_metaimage_header, check_nrrd_header
 
     if suffix in (".mha", ".mhd"):
         check_metaimage_header(path, path)  # ITK's MetaIO crashes on some malformed headers
@@ -273,10 +273,10 @@ def _read_volumes(path: Path) -> list[Volume]:
 # DICOM ---------------------------------------------------------------------------------------
 
 
-def _series_ids(directory: Path) -> list[str]:
+def series_ids(directory: Path) -> list[str]:
     import SimpleITK as sitk
 
-    from ._precheck import check_dicom_directory
+    from .header_checks import check_dicom_directory
 
     check_dicom_directory(directory)  # GDCM can allocate gigabytes for one corrupt element
     try:
@@ -285,7 +285,7 @@ def _series_ids(directory: Path) -> list[str]:
         raise VolumeReadError(f"{directory}: cannot scan for DICOM series ({_first_line(error)})") from None
 
 
-def _safe_dicom_tags(file_name: str) -> dict[str, str]:
+def safe_dicom_tags(file_name: str) -> dict[str, str]:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -302,14 +302,14 @@ def _safe_dicom_tags(file_name: str) -> dict[str, str]:
     return tags
 
 
-def _read_series(directory: Path, series_id: str) -> Volume:
+def read_series(directory: Path, series_id: str) -> Volume:
     import SimpleITK as sitk
 
     files = _series_files(directory, series_id)
     if not files:
         raise VolumeReadError(f"{directory}: DICOM series {series_id} has no readable files")
     _check_series_size(files, directory)
-    tags = _safe_dicom_tags(files[0])
+    tags = safe_dicom_tags(files[0])
     warnings: list[str] = []
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -341,7 +341,7 @@ def _check_series_size(files: list[str], directory: Path) -> None:
     """Refuse a series whose slices declare more voxel data than a study may hold (before allocating)."""
     import SimpleITK as sitk
 
-    from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
+    from .header_checks import check_declared_bytes, check_geometry, sitk_item_bytes
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
@@ -358,22 +358,22 @@ def _check_series_size(files: list[str], directory: Path) -> None:
 
 
 def _read_dicom_directory(directory: Path) -> list[Volume]:
-    series = _series_ids(directory)
+    series = series_ids(directory)
     if not series:
         files = [p for p in directory.iterdir() if p.is_file()]
         if not files:
             raise VolumeReadError(f"{directory}: empty directory (no DICOM files)")
         raise VolumeReadError(f"{directory}: no DICOM series found among {len(files)} file(s)")
-    return [_read_series(directory, series_id) for series_id in series]
+    return [read_series(directory, series_id) for series_id in series]
 
 
 def _read_dicom_series_of_file(path: Path) -> Volume:
     directory = path.parent
     target = os.path.realpath(path)
-    for series_id in _series_ids(directory):
+    for series_id in series_ids(directory):
         files = _series_files(directory, series_id)
         if target in {os.path.realpath(f) for f in files}:
-            return _read_series(directory, series_id)
+            return read_series(directory, series_id)
     raise VolumeReadError(f"{path}: not a readable DICOM image (no series contains it)")
 
 

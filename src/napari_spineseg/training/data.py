@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..augment import IGNORE
 from ..errors import InputError
 from ..metrics import labelled_span_region
 from ..orientation import Plane, plane_array_axis
-from ..schema import INTERVERTEBRAL_DISC, LESION, VERTEBRAL_BODY
+from ..schema import IGNORE, INTERVERTEBRAL_DISC, LESION, VERTEBRAL_BODY
 from ..volume import Volume, check_same_grid
 
 __all__ = [

@@ -66,7 +66,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import hashlib
 import logging
 import math
 import threading
@@ -79,12 +78,14 @@ from typing import Any
 
 import numpy as np
 
-from ..augment import IGNORE, AugmentConfig
+from ..augment import AugmentConfig
 from ..errors import Cancelled, InputError
 from ..modelfile import LoadedModel, ModelMetadata
 from ..orientation import ALL_PLANES, Plane, plane_array_axis
 from ..preprocess import PreprocessConfig
-from ..schema import DEFAULT_CLASSES, LabelClass, class_for_value
+from ..provenance import file_sha256, json_safe, tensor_digest
+from ..runtime import autocast, resolve_device, training_precision
+from ..schema import DEFAULT_CLASSES, IGNORE, LabelClass, class_for_value
 from ..volume import Volume, check_same_grid
 from .data import LUMBAR_DATASETS, TrainingCase
 from .loop import PRECISIONS, SCHEDULES, TrainConfig, TrainEvent
@@ -403,23 +404,6 @@ def correction_targets(
 # ------------------------------------------------------------------------------------------------
 # Case records (fixed validation and replay sets that can be reloaded in the next round)
 # ------------------------------------------------------------------------------------------------
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value) if isinstance(value, (set, frozenset)) else value
-        return [_json_safe(v) for v in items]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def case_record(case: TrainingCase) -> dict[str, Any]:
     """A JSON record identifying ``case`` and, where possible, how to reload it."""
     record: dict[str, Any] = {
@@ -432,7 +416,7 @@ def case_record(case: TrainingCase) -> dict[str, Any]:
     if case.dataset in LUMBAR_DATASETS and case.paths.get("image") and case.paths.get("labels"):
         record.update(source="lumbar", paths=dict(case.paths))
     elif phantom is not None:
-        record.update(source="phantom", phantom=_json_safe(phantom))
+        record.update(source="phantom", phantom=json_safe(phantom))
     elif case.paths.get("image") and case.paths.get("labels"):
         record.update(source="files", paths=dict(case.paths))
     else:
@@ -1089,8 +1073,6 @@ class _ReplayDistillation:
         import torch
         from torch.nn import functional as F
 
-        from .loop import _autocast
-
         replay = batch.get("replay")
         if replay is None:
             replay = torch.zeros(len(batch["image"]), dtype=torch.bool)
@@ -1110,7 +1092,7 @@ class _ReplayDistillation:
         image = batch["image"][rows].to(self.device)
         if self.precision in ("bf16", "fp16") or self.device.startswith("cuda"):
             image = image.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), _autocast(self.device, self.precision):
+        with torch.no_grad(), autocast(self.device, self.precision):
             teacher = self.base(image)
         target = F.softmax(teacher.float(), dim=1)
         student = logits[rows.to(logits.device)].float()
@@ -1259,16 +1241,6 @@ def _select_step(history: Sequence[Mapping[str, Any]], before: Mapping[str, floa
     return min(range(len(history)), key=lambda i: (worst_drop(history[i]), -i))
 
 
-def _file_sha256(path: Path | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------
 # The fine-tuning run
 # ------------------------------------------------------------------------------------------------
@@ -1317,8 +1289,8 @@ def finetune(
     """
     import torch
 
-    from ..inference import SegmentationSettings, resolve_device, resolve_precision
-    from ..modelfile import _tensor_digest, load_model
+    from ..inference import SegmentationSettings
+    from ..modelfile import load_model
     from .loop import train
 
     config = config or FinetuneConfig()
@@ -1337,7 +1309,7 @@ def finetune(
     if base_meta.architecture == "penn":
         raise InputError("fine-tuning supports the slice networks; patch (penn) models are not supported")
     base_network = copy.deepcopy(loaded.network).cpu().eval()
-    base_digest = _tensor_digest(dict(base_network.state_dict()))
+    base_digest = tensor_digest(dict(base_network.state_dict()))
     base_path = Path(loaded.path) if loaded.path is not None else None
     planes = [p for p in config.planes if p in base_meta.planes]
     if not planes:
@@ -1384,8 +1356,7 @@ def finetune(
 
     # Runtime and evaluation settings -----------------------------------------------------------
     device = resolve_device(config.device)
-    precision = config.mixed_precision
-    precision = "fp32" if precision in ("off", "fp32") else resolve_precision(precision, device)
+    precision = training_precision(config.mixed_precision, device, fp16_needs_cuda=False)
     settings = SegmentationSettings(
         planes=planes,
         device=device,
@@ -1689,13 +1660,13 @@ def finetune(
             logger.warning(gate_warning)
         else:
             gate = copy.deepcopy(gate)
-    training = _json_safe(
+    training = json_safe(
         {
             "recipe": "finetune",
             "finetuned_from": {
                 "name": base_meta.name,
                 "path": str(base_path) if base_path else None,
-                "file_sha256": _file_sha256(base_path),
+                "file_sha256": file_sha256(base_path) if base_path is not None and Path(base_path).is_file() else None,
                 "content_sha256": base_digest,
             },
             "round": int(base_training.get("round", 0) or 0) + 1,
@@ -1744,7 +1715,7 @@ def finetune(
         postprocess=dict(base_meta.postprocess),
         planes=list(base_meta.planes),
         training=training,
-        metrics=_json_safe(
+        metrics=json_safe(
             {
                 "val_dice": after.get("fixed_validation", {}),
                 "finetune_before": {k: before.get(k) for k in ("fixed_validation", "corrections")},
@@ -1795,10 +1766,10 @@ def carried_gate(gate: Any, metadata: ModelMetadata, base_name: str | None = Non
     class); otherwise it is dropped and the warning says why (never silently)."""
     if gate is None:
         return None, None
-    from ..gate import _check_compatible
+    from ..lesion_gate import check_compatible
 
     try:
-        _check_compatible(gate.record, metadata, InputError, "fine-tuned model")
+        check_compatible(gate.record, metadata, InputError, "fine-tuned model")
     except InputError as error:
         base = "the base model" + (f" {base_name!r}" if base_name else "")
         return None, f"the lesion gate of {base} is not carried over ({error}); the fine-tuned model has no gate"
@@ -1843,8 +1814,7 @@ def save_finetuned(result: FinetuneResult, path_or_name: str | Path) -> Path:
     Never overwrites the base model's file; a cancelled run cannot be saved.  A plain name also
     becomes the model's stored name.
     """
-    from ..gate import attach_gate
-    from ..modelfile import MODEL_SUFFIX
+    from ..modelfile import MODEL_SUFFIX, attach_gate
 
     if result.cancelled:
         raise Cancelled("fine-tuning was cancelled: there is no fine-tuned model to save")

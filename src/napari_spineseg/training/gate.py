@@ -49,9 +49,10 @@ import numpy as np
 
 from ..augment import AugmentConfig, augment_pair
 from ..errors import InputError
-from ..gate import SIMULATED_NOTE, GateRecord, LesionGate
+from ..lesion_gate import SIMULATED_NOTE, GateRecord, LesionGate
 from ..orientation import Plane
 from ..preprocess import PreprocessConfig
+from ..runtime import autocast, resolve_device, seed_everything, training_precision
 from ..schema import LESION, VERTEBRAL_BODY
 from ..slicing import canonical_labels, prepare_study, slice_batch
 from .data import TrainingCase
@@ -464,15 +465,13 @@ def gate_metrics(
 def _score_stack(network, stack: _Stack, indices, context: int, batch_size: int, device, precision, cancel):
     import torch
 
-    from .loop import _autocast
-
     out = []
     for start in range(0, len(indices), batch_size):
         if cancel is not None and cancel.is_set():
             raise _Cancelled
         part = indices[start : start + batch_size]
         batch = torch.from_numpy(slice_batch(stack.image, part, context)).to(device)
-        with torch.inference_mode(), _autocast(device, precision):
+        with torch.inference_mode(), autocast(device, precision):
             logits = network(batch)
         out.append(torch.sigmoid(logits.float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -590,21 +589,17 @@ def train_gate(
     import torch.nn.functional as F
 
     from .. import __version__
-    from ..gate import gate_record_for_file
-    from ..inference import resolve_device, resolve_precision
+    from ..lesion_gate import gate_record_for_file
     from ..models import build_model
-    from .loop import _autocast, _seed_everything
 
     started = time.perf_counter()
     if config.num_threads is not None:
         torch.set_num_threads(max(1, int(config.num_threads)))
     device = resolve_device(config.device)
-    precision = (
-        "fp32" if config.mixed_precision in ("off", "fp32") else resolve_precision(config.mixed_precision, device)
-    )
+    precision = training_precision(config.mixed_precision, device, fp16_needs_cuda=False)
     if precision == "fp16":  # no loss scaling here: bf16 or fp32 only
         precision = "fp32"
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     total = int(config.steps)
     if base is not None and int(base.metadata.context_slices) != int(config.context_slices):
         raise InputError("the gate must see the segmenter's input: use gate_config_for_model(config, metadata)")
@@ -752,7 +747,7 @@ def train_gate(
             x = torch.from_numpy(images).to(device)
             y = torch.from_numpy(targets).to(device)
             w = torch.from_numpy(weights).to(device)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 logits = net(x)
                 dense = aux_head(captured["features"]) if config.aux_weight > 0 else None
             loss = (loss_fn(logits.float(), y) * w).sum() / w.sum().clamp_min(1.0)
@@ -778,7 +773,7 @@ def train_gate(
                 if improved and output is not None:
                     gate = make_gate(best_state, best_metrics)
                     gate_record_for_file(gate, base.metadata)  # fits the base (raises otherwise)
-                    from ..gate import attach_gate
+                    from ..modelfile import attach_gate
 
                     saved = attach_gate(base, gate, output, name=config.model_name)
                     yield GateEvent(

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -42,13 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from ..augment import IGNORE, AugmentConfig
+from ..augment import AugmentConfig
 from ..errors import InputError, ModelFileError
 from ..modelfile import ModelMetadata, save_model
 from ..orientation import Plane
 from ..postprocess import default_postprocess
 from ..preprocess import PreprocessConfig
-from ..schema import LabelClass, default_classes
+from ..provenance import json_safe
+from ..runtime import autocast, resolve_device, seed_everything, training_precision
+from ..schema import IGNORE, LabelClass, default_classes
 from .data import TrainingCase
 
 __all__ = [
@@ -68,20 +69,6 @@ logger = logging.getLogger(__name__)
 RESUME_FORMAT = "napari-spineseg-resume"
 SCHEDULES = ("none", "cosine", "step")
 PRECISIONS = ("auto", "off", "fp32", "bf16", "fp16")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    return value
 
 
 @dataclass
@@ -181,7 +168,7 @@ class TrainConfig:
                 value = [c.to_dict() for c in value]
             elif isinstance(value, (PreprocessConfig, AugmentConfig)):
                 value = value.to_dict()
-            out[name] = _json_safe(value)
+            out[name] = json_safe(value)
         return out
 
     @classmethod
@@ -242,33 +229,8 @@ def resume_path_for(output: Path) -> Path:
 # Devices, precision, seeds
 # ------------------------------------------------------------------------------------------------
 def _resolve_runtime(config: TrainConfig) -> tuple[str, str]:
-    from ..inference import resolve_device, resolve_precision
-
     device = resolve_device(config.device)
-    precision = config.mixed_precision
-    precision = "fp32" if precision in ("off", "fp32") else resolve_precision(precision, device)
-    if precision == "fp16" and not device.startswith("cuda"):
-        raise InputError("fp16 mixed precision needs CUDA; use bf16 on CPU")
-    return device, precision
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _autocast(device: str, precision: str):
-    import contextlib
-
-    import torch
-
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-    return contextlib.nullcontext()
+    return device, training_precision(config.mixed_precision, device)
 
 
 def _lr_at(config: TrainConfig, step: int, total: int) -> float:
@@ -387,7 +349,7 @@ def _architecture_kwargs(network, config: TrainConfig) -> dict[str, Any]:
     kwargs = dict(getattr(network, "arch_kwargs", None) or config.architecture_kwargs)
     kwargs.pop("in_channels", None)
     kwargs.pop("num_classes", None)
-    return _json_safe(kwargs)
+    return json_safe(kwargs)
 
 
 def _metadata(network, config: TrainConfig, training: dict[str, Any], metrics: dict[str, Any]) -> ModelMetadata:
@@ -400,8 +362,8 @@ def _metadata(network, config: TrainConfig, training: dict[str, Any], metrics: d
         preprocess=config.preprocess.to_dict(),
         postprocess=dict(config.postprocess),
         planes=list(config.planes),
-        training=_json_safe(training),
-        metrics=_json_safe(metrics),
+        training=json_safe(training),
+        metrics=json_safe(metrics),
         description=config.description,
     )
 
@@ -426,9 +388,9 @@ def _save_resume(path: Path, network, optimizer, state: dict[str, Any]) -> None:
     record = {
         "format": RESUME_FORMAT,
         "version": 1,
-        "state": _json_safe(state),
-        "param_groups": _json_safe(opt["param_groups"]),
-        "optimizer_scalars": _json_safe(scalars),
+        "state": json_safe(state),
+        "param_groups": json_safe(opt["param_groups"]),
+        "optimizer_scalars": json_safe(scalars),
     }
     try:
         with atomic_path(path) as temp:
@@ -605,7 +567,7 @@ def train(
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     all_train = list(train_cases) + list(replay_cases)
     if dataset is None:
         if not all_train:
@@ -794,7 +756,7 @@ def train(
                     image = image.contiguous(memory_format=torch.channels_last)
                 target = batch["target"].to(device, non_blocking=True)
                 known = batch["known"].to(device, non_blocking=True)
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     logits = model(image)
                 loss = loss_fn(logits, target, known)
                 if loss_hook is not None:
