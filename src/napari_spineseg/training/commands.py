@@ -185,8 +185,8 @@ def run_recipe_gate(args: argparse.Namespace, recipe, model_path: Path, train_ca
     """Second stage of recipes with a lesion-presence gate: train it on SIMULATED lesions in the
     same patients' VB3/VB1 studies (same split) and store it in the model file just written."""
     from ..modelfile import load_model
-    from .gate import gate_config_for_model
     from .gate_command import run_gate_stage
+    from .lesion_gate_trainer import gate_config_for_model
 
     if args.data is None:
         print("spineseg: lesion gate skipped: it needs --data (real studies to plant simulated lesions in)")

@@ -56,7 +56,7 @@ Forgetting
 
 The result is a new model (metadata with full provenance: base name and checksums, pairs,
 steps, lr, new classes, before/after); :func:`save_finetuned` writes it atomically and refuses
-to overwrite the base model's file.  A base model's lesion-presence gate (:mod:`napari_spineseg.gate`)
+to overwrite the base model's file.  A base model's lesion-presence gate (:mod:`napari_spineseg.lesion_gate`)
 is carried over unchanged while it still fits (same context slices, gated class values still
 classes); otherwise it is dropped with a warning in the result.
 """
@@ -270,7 +270,7 @@ class FinetuneResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     selected_step: int | None = None  # the evaluated step whose weights were kept (None: the last)
-    gate: Any = None  # the base model's lesion gate (napari_spineseg.gate.LesionGate), carried over unchanged
+    gate: Any = None  # the base model's lesion gate (napari_spineseg.lesion_gate.LesionGate), carried over unchanged
 
 
 # ------------------------------------------------------------------------------------------------
