@@ -74,7 +74,14 @@ from .config import MAX_LABEL_VALUE, CorrectionPair, FinetuneConfig, FinetuneRes
 from .dataset import FinetuneDataset, build_finetune_dataset
 from .regularisers import ReplayDistillation, WeightAnchor, lr_param_groups
 from .run import finetune, run_finetune, select_step
-from .saving import carried_gate, check_output_path, finetuned_output_path, save_finetuned
+from .saving import (
+    carried_gate,
+    check_output_path,
+    finetuned_output_path,
+    forgetting,
+    forgetting_beyond_limit,
+    save_finetuned,
+)
 from .surgery import fuse_new_rows, grow_head, speed_up_new_rows, unfreeze_batchnorm
 from .targets import CorrectionTargets, correction_targets
 
@@ -104,6 +111,8 @@ __all__ = [
     "finetune",
     "finetuned_output_path",
     "fixed_validation_ids",
+    "forgetting",
+    "forgetting_beyond_limit",
     "load_case_record",
     "run_finetune",
     "save_finetuned",

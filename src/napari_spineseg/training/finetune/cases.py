@@ -40,8 +40,8 @@ def case_record(case: TrainingCase) -> dict[str, Any]:
 
 def load_case_record(record: Mapping[str, Any]) -> TrainingCase:
     """Rebuild the case of a :func:`case_record` (InputError when it cannot be found)."""
-    from ..phantom import PhantomConfig, make_phantom
-    from .data import load_case
+    from ...phantom import PhantomConfig, make_phantom
+    from ..data import load_case
 
     case_id = str(record.get("case_id", "?"))
     source = record.get("source")
@@ -59,7 +59,7 @@ def load_case_record(record: Mapping[str, Any]) -> TrainingCase:
         labels = phantom.labels.with_array(phantom.labels.array.astype(np.uint8))
         return TrainingCase(phantom.image, labels, known, str(record.get("patient", case_id)), "phantom", case_id)
     if source == "files":
-        from ..io import read_volume
+        from ...io import read_volume
 
         paths = record["paths"]
         for key in ("image", "labels"):

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 MAX_LABEL_VALUE = 254  # 255 is IGNORE ("not annotated")
+MIN_CROP = 16  # smallest training crop (pixels): the U-Nets halve it four times
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +118,10 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if int(self.steps) < 1:
             raise InputError(f"steps must be at least 1, got {self.steps}")
+        if int(self.seed) < 0:
+            raise InputError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.crop_size is not None and int(self.crop_size) < MIN_CROP:
+            raise InputError(f"crop size must be at least {MIN_CROP} pixels (or none), got {self.crop_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"learning rate must be positive, got {self.lr}")
         if int(self.batch_size) < 1 or int(self.val_every) < 1:

@@ -95,7 +95,7 @@ def _coverage(dataset) -> np.ndarray:
 
 def _changed_flags(dataset, changed_masks: Sequence[np.ndarray], geometries: Sequence[Any]) -> np.ndarray:
     """Per sample of a SliceDataset: does its slice hold a changed voxel?"""
-    from ..slicing import canonical_labels, plane_view
+    from ...slicing import canonical_labels, plane_view
 
     per_case = []
     for mask, geometry in zip(changed_masks, geometries):
@@ -126,7 +126,7 @@ def build_finetune_dataset(
     is one boolean mask per correction case (study array order) marking the changed voxels;
     slices holding ``new_class_indices`` are sampled at full priority in every plane.
     """
-    from .datasets import SliceDataset
+    from ..datasets import SliceDataset
 
     slices = SliceDataset(
         corrections,

@@ -39,8 +39,8 @@ def evaluate_cases(
     Dice is computed over each case's truth region for its known classes; a class absent from
     both the truth and the prediction in that region is not scored.
     """
-    from ..inference import Predictor
-    from ..metrics import dice_score
+    from ...inference import Predictor
+    from ...metrics import dice_score
 
     was_training = network.training
     predictor = Predictor(settings)

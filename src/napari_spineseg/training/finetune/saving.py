@@ -8,7 +8,7 @@ from typing import Any
 
 from ...errors import Cancelled, InputError
 from ...modelfile import ModelMetadata
-from .config import FinetuneResult
+from .config import FinetuneConfig, FinetuneResult
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ def carried_gate(gate: Any, metadata: ModelMetadata, base_name: str | None = Non
     class); otherwise it is dropped and the warning says why (never silently)."""
     if gate is None:
         return None, None
-    from ..lesion_gate import check_compatible
+    from ...lesion_gate import check_compatible
 
     try:
         check_compatible(gate.record, metadata, InputError, "fine-tuned model")
@@ -40,7 +40,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def finetuned_output_path(path_or_name: str | Path) -> Path:
     """A ``.safetensors`` path as given, or the user-model file of a plain model name."""
-    from ..modelfile import MODEL_SUFFIX, user_model_path
+    from ...modelfile import MODEL_SUFFIX, user_model_path
 
     text = str(path_or_name)
     if text.endswith(MODEL_SUFFIX) or "/" in text or "\\" in text:
@@ -53,7 +53,7 @@ def finetuned_output_path(path_or_name: str | Path) -> Path:
 
 def check_output_path(path: Path, base_path: Path | None) -> None:
     """Refuse to write over the base model or into the bundled models."""
-    from ..modelfile import bundled_model_dir
+    from ...modelfile import bundled_model_dir
 
     if base_path is not None and _same_file(path, base_path):
         raise InputError(f"{path}: refusing to overwrite the base model; choose a new name or path")
@@ -61,16 +61,48 @@ def check_output_path(path: Path, base_path: Path | None) -> None:
         raise InputError(f"{path}: refusing to write into the bundled models; save as a user model")
 
 
-def save_finetuned(result: FinetuneResult, path_or_name: str | Path) -> Path:
+def forgetting(result: FinetuneResult) -> dict[str, float]:
+    """Per class, how many Dice points the fine-tuned model lost on the fixed validation set."""
+    before = (result.before or {}).get("fixed_validation") or {}
+    after = (result.after or {}).get("fixed_validation") or {}
+    return {
+        k: round(100 * (float(before[k]) - float(v)), 2)
+        for k, v in after.items()
+        if k in before and v is not None and before[k] is not None
+    }
+
+
+def forgetting_beyond_limit(result: FinetuneResult) -> str | None:
+    """Why the model should not be saved (it forgot more than its ``max_forgetting``), or None."""
+    config = (result.metadata.training or {}).get("config") or {}
+    limit = 100 * float(config.get("max_forgetting", FinetuneConfig.max_forgetting))
+    drops = forgetting(result)
+    worse = {k: v for k, v in drops.items() if v > limit + 1e-6}
+    if not worse:
+        return None
+    shown = ", ".join(f"{k} -{v:g}" for k, v in sorted(worse.items(), key=lambda kv: -kv[1]))
+    return (
+        f"the fine-tuned model forgot more than the limit of {limit:g} Dice point(s) on the fixed validation set "
+        f"({shown})"
+    )
+
+
+def save_finetuned(result: FinetuneResult, path_or_name: str | Path, force: bool = False) -> Path:
     """Write the fine-tuned model atomically to a ``.safetensors`` path or as a user model name.
 
-    Never overwrites the base model's file; a cancelled run cannot be saved.  A plain name also
-    becomes the model's stored name.
+    Never overwrites the base model's file; a cancelled run cannot be saved; a model that forgot
+    more than its ``max_forgetting`` on the fixed validation set is refused unless ``force``
+    (``spineseg finetune --force``).  A plain name also becomes the model's stored name.
     """
-    from ..modelfile import MODEL_SUFFIX, attach_gate
+    from ...modelfile import MODEL_SUFFIX, attach_gate
 
     if result.cancelled:
         raise Cancelled("fine-tuning was cancelled: there is no fine-tuned model to save")
+    problem = forgetting_beyond_limit(result)
+    if problem is not None:
+        if not force:
+            raise InputError(f"{problem}: not saved (save it anyway with force / spineseg finetune --force)")
+        logger.warning("%s: saved anyway (forced)", problem)
     path = finetuned_output_path(path_or_name)
     base_record = (result.metadata.training or {}).get("finetuned_from") or {}
     base_path = result.base_path or (Path(base_record["path"]) if base_record.get("path") else None)

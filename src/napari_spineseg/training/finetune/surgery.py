@@ -49,7 +49,7 @@ def grow_head(network, new_k: int, parents: Mapping[int, int], margin: float) ->
     import torch
     from torch import nn
 
-    from ..models import extend_output_classes
+    from ...models import extend_output_classes
 
     extend_output_classes(network, new_k)
     layer = _output_layer(network)
@@ -76,8 +76,8 @@ def probe_new_rows(
     import torch
     from torch import nn
 
-    from ..preprocess import resample_back, resample_slices
-    from ..slicing import plane_pixel_spacing, plane_view, prepare_study, slice_batch
+    from ...preprocess import resample_back, resample_slices
+    from ...slicing import plane_pixel_spacing, plane_view, prepare_study, slice_batch
 
     layer = _output_layer(network)
     if not isinstance(layer, nn.Conv2d) or not parents:
@@ -124,8 +124,8 @@ def probe_new_rows(
                 negatives.append(features.reshape(-1, features.shape[-1])[take])
     finally:
         hook.remove()
-    if not negatives or not features_by_class:
-        return {}
+    if not features_by_class or not sum(len(n) for n in negatives):
+        return {}  # nothing trusted beside the new classes on their slices: keep the parent-copy rows
     rest = torch.from_numpy(np.concatenate(negatives)).float()
     fitted: dict[int, float] = {}
     weight, bias = layer.weight.data, layer.bias.data if layer.bias is not None else None
