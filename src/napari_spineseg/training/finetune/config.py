@@ -15,7 +15,8 @@ from ...modelfile import ModelMetadata
 from ...orientation import ALL_PLANES, Plane
 from ...schema import LabelClass
 from ...volume import Volume
-from ..loop import PRECISIONS, SCHEDULES
+from ..common import SCHEDULES
+from ..loop import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
