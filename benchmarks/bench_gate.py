@@ -47,7 +47,7 @@ from napari_spineseg.models.common import extend_output_classes
 from napari_spineseg.preprocess import PreprocessConfig
 from napari_spineseg.schema import default_classes
 from napari_spineseg.training.data import load_lumbar_dataset, patient_split
-from napari_spineseg.training.gate import (
+from napari_spineseg.training.lesion_gate_trainer import (
     GateConfig,
     _lesion_studies,
     _prepare,

@@ -102,7 +102,7 @@ def _mha(tmp_path: Path, replace: dict[str, str] | None = None, extra: str = "",
     return path
 
 
-NATIVE_CRASHES = {  # each of these killed the process inside ITK's MetaIO before _precheck
+NATIVE_CRASHES = {  # each of these killed the process inside ITK's MetaIO before header_checks
     "NDims -1": ({"NDims": "-1"}, ""),
     "NDims 1000": ({"NDims": "1000"}, ""),
     "NDims 2**31": ({"NDims": "2147483648"}, ""),

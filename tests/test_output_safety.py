@@ -224,7 +224,7 @@ def test_long_names_fit_or_are_refused_before_segmenting(
     assert len(written.name) < 130 and written.name.startswith("DDDD")
 
     ran = []
-    monkeypatch.setattr("napari_spineseg.cli._run_with_progress", lambda *a: ran.append(a))
+    monkeypatch.setattr("napari_spineseg.segment_command.run_with_progress", lambda *a: ran.append(a))
     assert segment(series, "-o", tmp_path / ("x" * 240 + ".nii.gz"), model=model) == 1
     assert "too long" in one_error_line(capsys.readouterr().err) and not ran
 

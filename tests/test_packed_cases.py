@@ -7,7 +7,7 @@ import pytest
 
 from napari_spineseg.augment import IGNORE
 from napari_spineseg.errors import InputError
-from napari_spineseg.training.data import load_lumbar_dataset, phantom_cases
+from napari_spineseg.training.data import phantom_cases
 from napari_spineseg.training.packed import crop_to_labels, load_packed_cases, pack_cases
 
 
@@ -39,7 +39,7 @@ def test_crop_keeps_every_labelled_voxel_at_its_physical_position():
 def test_packed_cases_round_trip_through_the_training_loader(tmp_path):
     cases = phantom_cases(2, size=(64, 64, 24))
     path = pack_cases(cases, tmp_path / "cases.npz", margin_mm=6.0)
-    loaded = load_lumbar_dataset(path, datasets=sorted({c.dataset for c in cases}))
+    loaded = load_packed_cases(path, datasets=sorted({c.dataset for c in cases}))
     assert [c.case_id for c in loaded] == [c.case_id for c in cases]
     for original, back in zip(cases, loaded):
         cropped = crop_to_labels(original, margin_mm=6.0)

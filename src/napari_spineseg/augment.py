@@ -20,11 +20,11 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .preprocess import _config_from_dict, _config_to_dict
+from .preprocess import config_from_dict, config_to_dict
+from .schema import IGNORE
 
 __all__ = ["IGNORE", "AugmentConfig", "augment_pair", "mirror_left_right"]
 
-IGNORE = 255
 """Label value of pixels without ground truth (here: pixels moved in from outside the slice)."""
 
 
@@ -116,12 +116,12 @@ class AugmentConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _config_to_dict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise InputError."""
-        return _config_from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:

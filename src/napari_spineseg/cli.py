@@ -17,53 +17,9 @@ from typing import Any
 from .errors import SpinesegError
 
 
-def volume_info(volume) -> dict[str, Any]:
-    """The ``spineseg info --json`` record of one volume (keys are a public contract)."""
-    import numpy as np
-
-    from .orientation import orientation_code, plane_axes, tilt_degrees
-    from .preflight import preflight
-
-    geometry = volume.geometry
-    array = volume.array
-    return {
-        "name": volume.name,
-        "path": str(volume.path) if volume.path else None,
-        "size": list(geometry.size),
-        "spacing": [float(s) for s in geometry.spacing],
-        "origin": [float(o) for o in geometry.origin],
-        "direction": [float(d) + 0.0 for d in geometry.direction],
-        "orientation": orientation_code(geometry.direction),
-        "planes": plane_axes(geometry, warn_degrees=90.0),
-        "tilt_degrees": round(tilt_degrees(geometry.direction), 3),
-        "dtype": str(array.dtype),
-        "intensity_range": [float(np.min(array)), float(np.max(array))] if array.size else [0.0, 0.0],
-        "warnings": [str(w) for w in preflight(volume)],
-    }
-
-
-def _format_info(info: dict[str, Any]) -> str:
-    def numbers(values, digits=4):
-        return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
-
-    direction = info["direction"]
-    rows = [
-        f"{info['name']}  [{info['path']}]",
-        f"  size (x, y, z)     {tuple(info['size'])}",
-        f"  spacing (x, y, z)  {numbers(info['spacing'])} mm",
-        f"  origin (LPS)       {numbers(info['origin'], 6)} mm",
-        "  direction          " + " / ".join(numbers(direction[i : i + 3], 3) for i in (0, 3, 6)),
-        f"  orientation        {info['orientation']}",
-        "  planes             "
-        + ", ".join(f"{plane} = index axis {axis} ({'xyz'[axis]})" for plane, axis in info["planes"].items()),
-        f"  intensity          {info['intensity_range'][0]:g} .. {info['intensity_range'][1]:g} ({info['dtype']})",
-    ]
-    rows += [f"  warning: {w}" for w in info["warnings"]]
-    return "\n".join(rows)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import read_volumes
+    from .preflight import format_volume_info, volume_info
 
     infos = []
     for path in args.paths:
@@ -71,23 +27,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(infos[0] if len(infos) == 1 else infos, indent=2))
     else:
-        print("\n".join(_format_info(info) for info in infos))
+        print("\n".join(format_volume_info(info) for info in infos))
     return 0
-
-
-def _run_with_progress(predictor, volume, quiet: bool):
-    from tqdm import tqdm
-
-    with tqdm(total=100, desc=volume.name[:30], unit="%", leave=False, disable=quiet) as bar:
-        generator = predictor.run(volume)
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                return stop.value
-            bar.n = round(100 * event.fraction)
-            bar.set_postfix_str(event.plane or event.stage)
-            bar.refresh()
 
 
 def _is_cohort_input(inputs: Sequence[str]) -> bool:
@@ -106,9 +47,9 @@ def _segment_cohort(args: argparse.Namespace, settings: Any) -> int:
     if getattr(args, "dicom_seg", None):
         raise InputError("--dicom-seg writes single studies; it is not available for a cohort directory")
     from .outputs import same_path
-    from .segment_command import _as_directory
+    from .segment_command import as_directory
 
-    if args.output and not _as_directory(args.output, "-o"):
+    if args.output and not as_directory(args.output, "-o"):
         raise InputError(f"{args.output}: a cohort needs an output directory, not a file")
     if args.uncertainty and not same_path(args.uncertainty, args.output or args.inputs[0]):
         raise InputError(

@@ -149,10 +149,10 @@ def _series_label(directory: Path, series_id: str) -> str:
     """``<description>_<number>`` of a series (safe DICOM tags only), for directories with several series."""
     import SimpleITK as sitk
 
-    from .io import _safe_dicom_tags
+    from .io import safe_dicom_tags
 
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id)
-    tags = _safe_dicom_tags(files[0]) if files else {}
+    tags = safe_dicom_tags(files[0]) if files else {}
     return "_".join(t for t in (tags.get("series_description"), tags.get("series_number")) if t) or "series"
 
 
@@ -164,7 +164,7 @@ def discover_studies(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     several series).  Names that clash get ``-2``, ``-3``, ...  The output directory (default
     ``input_dir``) is never searched.
     """
-    from .io import _series_ids
+    from .io import series_ids
 
     root = Path(input_dir).expanduser()
     if not root.is_dir():
@@ -182,7 +182,7 @@ def discover_studies(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         entries = _visible_entries(directory)
         parts = directory.relative_to(root).parts or (root.resolve().name,)
         if any(e.is_file() and is_dicom_file(e.path) for e in entries):
-            series = sorted(_series_ids(directory))
+            series = sorted(series_ids(directory))
             for series_id in series:
                 extra = (_series_label(directory, series_id),) if len(series) > 1 else ()
                 found.append(((*parts, *extra), directory, series_id))
@@ -431,9 +431,9 @@ def _scrub(message: str, study: Study) -> str:
 def _read_study(study: Study) -> Volume:
     if study.series_id is None:
         return read_volume(study.source)
-    from .io import _read_series
+    from .io import read_series
 
-    return _read_series(study.source, study.series_id)
+    return read_series(study.source, study.series_id)
 
 
 def segment_study(

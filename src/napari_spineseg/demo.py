@@ -19,19 +19,19 @@ from .schema import LESION, VERTEBRAL_BODY
 
 def run_demo(output_dir: Path, device: str = "auto") -> int:
     """Run the demo into ``output_dir``; returns a process exit status."""
-    from .cli import _format_info, volume_info
     from .inference import Predictor, SegmentationSettings
     from .io import read_volume, write_labels, write_volume
     from .metrics import evaluate_volumes, format_table
     from .modelfile import DEFAULT_MODEL_NAME, load_model
     from .phantom import sample_study
+    from .preflight import format_volume_info, volume_info
 
     output_dir.mkdir(parents=True, exist_ok=True)
     phantom = sample_study()
     study_path = write_volume(phantom.image, output_dir / "sample_study.nii.gz")
     truth_path = write_labels(phantom.labels, output_dir / "sample_study_truth.nii.gz")
     study = read_volume(study_path)
-    print(_format_info(volume_info(study)))
+    print(format_volume_info(volume_info(study)))
     print(f"levels in view: {', '.join(phantom.levels)}; simulated lesion in {', '.join(phantom.lesion_levels) or '-'}")
 
     try:

@@ -230,7 +230,7 @@ def _lay_out(
     images: list[tuple[str, pydicom.Dataset]], positions: np.ndarray, orientation: np.ndarray, shown: str, notes: list
 ) -> SeriesPlan:
     """The grid of slices with one orientation (see :func:`plan_series`)."""
-    from ._precheck import check_geometry
+    from .header_checks import check_geometry
 
     row, column = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE or abs(np.linalg.norm(column) - 1) > ORIENTATION_TOLERANCE:

@@ -21,15 +21,21 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .errors import Cancelled, InputError
-from .modelfile import DEFAULT_MODEL_NAME, LoadedModel, load_model
+from .modelfile import DEFAULT_MODEL_NAME, LoadedModel, ModelMetadata, load_model
 from .orientation import ALL_PLANES, Plane
 from .postprocess import PostprocessConfig, postprocess_labels
 from .preprocess import PreprocessConfig, resample_back, resample_slices
+from .runtime import (  # devices and precision live in .runtime; re-exported here for existing callers
+    autocast,
+    available_devices,  # noqa: F401
+    cpu_supports_bf16,  # noqa: F401
+    resolve_device,
+    resolve_precision,
+)
 from .slicing import PreparedStudy, plane_pixel_spacing, plane_view, prepare_study, slice_batch
 from .volume import Volume
 
@@ -49,60 +55,6 @@ class UncertaintyMode(str, Enum):
     DISAGREEMENT = "disagreement"  # fraction of planes whose argmax differs from the fused label
 
 
-def available_devices() -> list[str]:
-    """Devices this machine can run on, best first (``cpu`` always last)."""
-    import torch
-
-    devices = []
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append("mps")
-    return [*devices, "cpu"]
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` picks CUDA, then MPS, then CPU; an unavailable explicit device is an InputError."""
-    device = (device or "auto").lower()
-    available = available_devices()
-    if device == "auto":
-        return available[0]
-    base = device.split(":")[0]
-    if base not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unknown device {device!r}: choose auto, cpu, cuda or mps")
-    if base not in available:
-        raise InputError(f"device {device!r} is not available here (available: {', '.join(available)})")
-    return device
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX)."""
-    import torch
-
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(torch.cpu, probe, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:  # pragma: no cover - platform probes
-            continue
-    return False
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` → ``bf16`` on CPUs with native bf16, ``fp16`` on CUDA, else ``fp32``."""
-    precision = (precision or "auto").lower()
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise InputError(f"unknown precision {precision!r}: choose auto, fp32, bf16 or fp16")
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "fp16"
-    if device == "cpu" and cpu_supports_bf16():
-        return "bf16"
-    return "fp32"
-
-
 @dataclass
 class SegmentationSettings:
     """Run-time choices of a segmentation (the model file supplies everything else)."""
@@ -116,7 +68,7 @@ class SegmentationSettings:
     postprocess: bool = True
     plane_weights: dict[str, float] | None = None  # overrides the model's weights for "weighted"
     fuse_layers: bool = True  # fold batch norm and fuse activations into convolutions (inference copy)
-    lesion_gate: bool = True  # use the model's lesion-presence gate, if it has one (see napari_spineseg.gate)
+    lesion_gate: bool = True  # use the model's lesion-presence gate, if it has one (see napari_spineseg.lesion_gate)
     # Test-time left-right mirror (averages the prediction of the study and of its mirror image:
     # twice the network time).  None: as the model file says (``extra.inference.test_time_mirror``).
     test_time_mirror: bool | None = None
@@ -174,7 +126,7 @@ class Predictor:
     def __init__(self, settings: SegmentationSettings | None = None) -> None:
         self.settings = settings or SegmentationSettings()
         self.model: LoadedModel | None = None
-        self.lesion_gate = None  # napari_spineseg.gate.GateRunner when the model has a gate
+        self.lesion_gate = None  # napari_spineseg.lesion_gate.GateRunner when the model has a gate
         self.test_time_mirror = False  # resolved from the settings and the model in load()
         self.device = resolve_device(self.settings.device)
         self.precision = resolve_precision(self.settings.precision, self.device)
@@ -184,7 +136,7 @@ class Predictor:
         """Load weights (to the CPU first), build the inference copy (:mod:`.models.fused`), move it to the device."""
         import torch
 
-        from .gate import gate_runner
+        from .lesion_gate import gate_runner
         from .models.fused import fuse_for_inference
 
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -360,7 +312,7 @@ class Predictor:
         tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         if self.device != "cpu" or self.precision == "bf16":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), _autocast(self.device, self.precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             probabilities = torch.softmax(model.network(tensor), dim=1, dtype=torch.float32)
             if self.test_time_mirror:
                 probabilities += _mirrored_probabilities(model.network, tensor, plane)
@@ -411,7 +363,7 @@ class Predictor:
         return fused, uncertainty
 
 
-def model_test_time_mirror(metadata: Any) -> bool:
+def model_test_time_mirror(metadata: ModelMetadata) -> bool:
     """Whether a model asks for the test-time left-right mirror (``extra.inference.test_time_mirror``)."""
     inference = (getattr(metadata, "extra", None) or {}).get("inference") or {}
     return bool(inference.get("test_time_mirror", False))
@@ -457,26 +409,6 @@ def entropy_map(probabilities: np.ndarray) -> np.ndarray:
 
 def _has_slice_steps(config: PreprocessConfig) -> bool:
     return bool(config.clahe or config.denoise_nlmeans or config.bilateral or config.gaussian_sigma_mm > 0)
-
-
-class _autocast:
-    """Mixed precision context: bf16 on CPU, fp16/bf16 on CUDA/MPS, nothing for fp32."""
-
-    def __init__(self, device: str, precision: str) -> None:
-        import torch
-
-        self.context: Any = None
-        if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            self.context = torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-    def __enter__(self) -> None:
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.context is not None:
-            self.context.__exit__(*exc)
 
 
 def _check_volume(volume: Volume) -> None:

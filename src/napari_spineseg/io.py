@@ -221,7 +221,7 @@ def _check_nifti_complete(path: Path, shown: Path, limit: bool = True) -> _Nifti
 
     import nibabel as nib
 
-    from ._precheck import check_declared_bytes
+    from .header_checks import check_declared_bytes
 
     try:
         with _quiet_nibabel():
@@ -297,7 +297,7 @@ def _nifti_geometry(header, itk: Geometry, shown: Path, warnings: list[str]) -> 
     if not np.all(spacing > 0):
         return itk
     direction = lps[:, :3] / spacing
-    from ._precheck import check_orthonormal
+    from .header_checks import check_orthonormal
 
     check_orthonormal(direction.ravel(), f"{shown} ({which})")
     geometry = Geometry(itk.size, tuple(spacing), tuple(lps[:, 3]), tuple(direction.ravel()))
@@ -339,7 +339,7 @@ def _reader_image(path: Path, shown: Path | None = None) -> tuple[Any, _NiftiInf
             reader.ReadImageInformation()
     except RuntimeError as error:
         raise VolumeReadError(f"{shown}: corrupt or unrecognised header ({_first_line(error)})") from None
-    from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
+    from .header_checks import check_declared_bytes, check_geometry, sitk_item_bytes
 
     pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     if "complex" in pixel_type:
@@ -449,7 +449,7 @@ def _read_volumes(path: Path) -> list[Volume]:
     suffix = volume_suffix(path)
     if not suffix:
         raise VolumeReadError(f"{path}: unknown format (expected {', '.join(VOLUME_SUFFIXES)} or DICOM)")
-    from ._precheck import check_metaimage_header, check_nrrd_header
+    from .header_checks import check_metaimage_header, check_nrrd_header
 
     if suffix in (".mha", ".mhd"):
         check_metaimage_header(path, path)  # ITK's MetaIO crashes on some malformed headers
@@ -477,7 +477,7 @@ def _read_volumes(path: Path) -> list[Volume]:
 # DICOM ---------------------------------------------------------------------------------------
 
 
-def _series_ids(directory: Path) -> list[str]:
+def series_ids(directory: Path) -> list[str]:
     """The image series of ``directory`` (GDCM's series ids), without non-image objects and localizers."""
     return [series_id for series_id, _ in _image_series(directory)[0]]
 
@@ -485,7 +485,7 @@ def _series_ids(directory: Path) -> list[str]:
 def _gdcm_series_ids(directory: Path) -> list[str]:
     import SimpleITK as sitk
 
-    from ._precheck import check_dicom_directory
+    from .header_checks import check_dicom_directory
 
     check_dicom_directory(directory)  # GDCM can allocate gigabytes for one corrupt element
     try:
@@ -523,7 +523,7 @@ def _image_series(directory: Path) -> tuple[list[tuple[str, list[str]]], list[st
     return [(series_id, files) for series_id, files, _ in kept], notes
 
 
-def _safe_dicom_tags(file_name: str) -> dict[str, str]:
+def safe_dicom_tags(file_name: str) -> dict[str, str]:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -540,7 +540,7 @@ def _safe_dicom_tags(file_name: str) -> dict[str, str]:
     return tags
 
 
-def _read_series(directory: Path, series_id: str) -> Volume:
+def read_series(directory: Path, series_id: str) -> Volume:
     """Read the series ``series_id`` of ``directory`` (GDCM's grouping)."""
     files = _series_files(directory, series_id)
     if not files:
@@ -555,7 +555,7 @@ def _read_series_files(directory: Path, series_id: str, files: list[str]) -> Vol
 
     from .dicom_series import plan_series, resample_slices
 
-    tags = _safe_dicom_tags(files[0])
+    tags = safe_dicom_tags(files[0])
     description = tags.get("series_description") or "series"
     number = tags.get("series_number", "")
     name = f"{description} ({number})" if number else description
@@ -600,7 +600,7 @@ def _check_series_size(files: list[str], directory: Path) -> None:
     """Refuse a series whose slices declare more voxel data than a study may hold (before allocating)."""
     import SimpleITK as sitk
 
-    from ._precheck import check_declared_bytes, check_geometry, sitk_item_bytes
+    from .header_checks import check_declared_bytes, check_geometry, sitk_item_bytes
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
@@ -634,7 +634,7 @@ def _read_dicom_directory(directory: Path) -> list[Volume]:
         found = f" ({'; '.join(notes)})" if notes else ""
         raise VolumeReadError(f"{directory}: no DICOM image series found among {len(files)} file(s){found}")
     volumes = [
-        _read_series_files(directory, series_id, files) if files else _read_series(directory, series_id)
+        _read_series_files(directory, series_id, files) if files else read_series(directory, series_id)
         for series_id, files in series
     ]
     return [_noted(volume, notes) for volume in volumes]
@@ -650,8 +650,8 @@ def _noted(volume: Volume, notes: list[str]) -> Volume:
 
 def _read_dicomdir(path: Path) -> list[Volume]:
     """Every image series a DICOMDIR references (files in its sub-folders), grouped by SeriesInstanceUID."""
-    from ._precheck import dicom_structure_problem
     from .dicom_series import describe_skipped, dicomdir_files, non_image_kind, read_header
+    from .header_checks import dicom_structure_problem
 
     groups: dict[str, list[str]] = {}
     skipped: list[str] = []
@@ -689,7 +689,7 @@ def _read_dicom_series_of_file(path: Path) -> Volume:
     for series_id in _gdcm_series_ids(directory):
         files = _series_files(directory, series_id)
         if target in {os.path.realpath(f) for f in files}:
-            return _read_series(directory, series_id)
+            return read_series(directory, series_id)
     raise VolumeReadError(f"{path}: not a readable DICOM image (no series contains it)")
 
 

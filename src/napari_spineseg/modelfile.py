@@ -16,7 +16,6 @@ models bundled with the package.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ModelFileError
+from .provenance import tensor_digest
 from .schema import LabelClass, default_classes
 
 FORMAT = "napari-spineseg-model"
@@ -198,27 +198,14 @@ class LoadedModel:
     network: Any  # torch.nn.Module
     metadata: ModelMetadata
     path: Path | None = None
-    gate: Any = None  # napari_spineseg.gate.LesionGate: optional slice-level lesion-presence gate
-
-
-def _tensor_digest(tensors: dict[str, Any]) -> str:
-    import torch
-
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
-        digest.update(key.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    gate: Any = None  # napari_spineseg.lesion_gate.LesionGate: optional slice-level lesion-presence gate
 
 
 def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike, gate: Any = None) -> Path:
     """Write ``network``'s weights and ``metadata`` to ``path`` atomically (temp file + rename).
 
-    ``gate`` (a :class:`napari_spineseg.gate.LesionGate`) is stored in the same file: its tensors
-    under the ``gate.`` prefix and its record as ``gate`` in the metadata (see :mod:`.gate`).
+    ``gate`` (a :class:`napari_spineseg.lesion_gate.LesionGate`) is stored in the same file: its tensors
+    under the ``gate.`` prefix and its record as ``gate`` in the metadata (see :mod:`.lesion_gate`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -232,14 +219,14 @@ def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike, g
     tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     record = metadata.to_dict()
     if gate is not None:
-        from .gate import GATE_PREFIX, gate_record_for_file, gate_tensors
+        from .lesion_gate import GATE_PREFIX, gate_record_for_file, gate_tensors
 
         if any(k.startswith(GATE_PREFIX) for k in tensors):
             raise InputError(f"{path}: the network has tensors named {GATE_PREFIX}*; cannot store a gate beside it")
         record["gate"] = gate_record_for_file(gate, metadata)
         tensors.update(gate_tensors(gate))
     record.setdefault("training", {}).setdefault("saved", _dt.datetime.now(_dt.timezone.utc).isoformat())
-    record["content_sha256"] = _tensor_digest(tensors)
+    record["content_sha256"] = tensor_digest(tensors)
     try:
         with atomic_path(path) as temp:
             save_file(tensors, str(temp), metadata={"spineseg": json.dumps(record)})
@@ -249,6 +236,15 @@ def save_model(network: Any, metadata: ModelMetadata, path: str | os.PathLike, g
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise VolumeWriteError(f"{path}: cannot save the model ({reason})") from None
     return path
+
+
+def attach_gate(model: LoadedModel, gate: Any, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Write ``model`` with ``gate`` (a :class:`napari_spineseg.lesion_gate.LesionGate`) to ``path``
+    (atomically; ``gate=None`` writes the model without a gate)."""
+    import dataclasses
+
+    metadata = model.metadata if name is None else dataclasses.replace(model.metadata, name=name)
+    return save_model(model.network, metadata, path, gate=gate)
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -335,8 +331,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL_NAME) -> LoadedMo
     header, record = _read_header(path)
     metadata = ModelMetadata.from_dict(record, str(path))
     gate_record = None
-    if "gate" in record:  # a slice-level lesion-presence gate travels in the file (see .gate)
-        from .gate import check_gate_header, split_gate_header
+    if "gate" in record:  # a slice-level lesion-presence gate travels in the file (see .lesion_gate)
+        from .lesion_gate import check_gate_header, split_gate_header
 
         header, gate_header = split_gate_header(header)
         gate_record = check_gate_header(record["gate"], gate_header, metadata, path)
@@ -366,11 +362,11 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL_NAME) -> LoadedMo
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: cannot read weights ({error})") from None
-    if record.get("content_sha256") != _tensor_digest(tensors):
+    if record.get("content_sha256") != tensor_digest(tensors):
         raise ModelFileError(f"{path}: weights do not match their recorded checksum (file modified or corrupt)")
     gate = None
     if gate_record is not None:
-        from .gate import load_gate, split_gate_header
+        from .lesion_gate import load_gate, split_gate_header
 
         tensors, gate_state = split_gate_header(tensors)
         gate = load_gate(gate_record, record["gate"], gate_state, path)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, SpinesegError
+from .provenance import file_sha256
 
 RECORD_SUFFIX = ".spineseg.json"
 RECORD_TOOL = "napari-spineseg"
@@ -76,15 +77,6 @@ def check_name_fits(path: Path) -> None:
             f"{shown(path)}: the file name is too long ({len(os.fsencode(path.name))} bytes; "
             f"at most {limit - NAME_ROOM} here)"
         )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 (hex) of a file's contents."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def files_sha256(paths: Iterable[str | os.PathLike]) -> str:

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from . import schema
 from .errors import InputError
-from .preprocess import _check_spacing, _config_from_dict, _config_to_dict
+from .preprocess import check_spacing, config_from_dict, config_to_dict
 
 __all__ = [
     "ClassPostprocess",
@@ -80,11 +80,11 @@ class ClassPostprocess:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _config_to_dict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassPostprocess:
-        return _config_from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 @dataclass
@@ -274,7 +274,7 @@ def postprocess_labels(
         raise InputError(f"postprocess_labels expects a 3-D (z, y, x) label map, got shape {labels.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise InputError(f"postprocess_labels expects an integer label map, got dtype {labels.dtype}")
-    spacing = _check_spacing(spacing_zyx, 3, "postprocess_labels")
+    spacing = check_spacing(spacing_zyx, 3, "postprocess_labels")
     out = labels.copy()
     for value, rule in config.per_class.items():
         if rule.is_noop:

@@ -1,12 +1,17 @@
-"""Preflight: warn about studies that break spine segmentation before running a model."""
+"""Preflight: what a study is (``spineseg info``: :func:`volume_info`, :func:`format_volume_info`) and what about
+it may break spine segmentation (:func:`preflight` warnings), before running a model.
+
+(Checks that keep malformed files away from ITK/GDCM are in :mod:`.header_checks`.)
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .orientation import OBLIQUE_WARNING_DEGREES, tilt_degrees
+from .orientation import OBLIQUE_WARNING_DEGREES, orientation_code, plane_axes, tilt_degrees
 from .volume import IDENTITY_DIRECTION, Volume
 
 ANISOTROPY_WARNING_RATIO = 6.0
@@ -85,3 +90,45 @@ def check_segmentable(volume: Volume) -> None:
     low, high = float(values.min()), float(values.max())
     if low == high:
         raise InputError(f"the image is constant ({low:g} everywhere): there is nothing to segment")
+
+
+def volume_info(volume) -> dict[str, Any]:
+    """The ``spineseg info --json`` record of one volume (keys are a public contract)."""
+    geometry = volume.geometry
+    array = volume.array
+    return {
+        "name": volume.name,
+        "path": str(volume.path) if volume.path else None,
+        "size": list(geometry.size),
+        "spacing": [float(s) for s in geometry.spacing],
+        "origin": [float(o) for o in geometry.origin],
+        "direction": [float(d) + 0.0 for d in geometry.direction],
+        "orientation": orientation_code(geometry.direction),
+        "planes": plane_axes(geometry, warn_degrees=90.0),
+        "tilt_degrees": round(tilt_degrees(geometry.direction), 3),
+        "dtype": str(array.dtype),
+        "intensity_range": [float(np.min(array)), float(np.max(array))] if array.size else [0.0, 0.0],
+        "warnings": [str(w) for w in preflight(volume)],
+    }
+
+
+def format_volume_info(info: dict[str, Any]) -> str:
+    """The ``spineseg info`` text of a :func:`volume_info` record."""
+
+    def numbers(values, digits=4):
+        return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
+
+    direction = info["direction"]
+    rows = [
+        f"{info['name']}  [{info['path']}]",
+        f"  size (x, y, z)     {tuple(info['size'])}",
+        f"  spacing (x, y, z)  {numbers(info['spacing'])} mm",
+        f"  origin (LPS)       {numbers(info['origin'], 6)} mm",
+        "  direction          " + " / ".join(numbers(direction[i : i + 3], 3) for i in (0, 3, 6)),
+        f"  orientation        {info['orientation']}",
+        "  planes             "
+        + ", ".join(f"{plane} = index axis {axis} ({'xyz'[axis]})" for plane, axis in info["planes"].items()),
+        f"  intensity          {info['intensity_range'][0]:g} .. {info['intensity_range'][1]:g} ({info['dtype']})",
+    ]
+    rows += [f"  warning: {w}" for w in info["warnings"]]
+    return "\n".join(rows)

@@ -33,6 +33,9 @@ from .errors import InputError
 
 __all__ = [
     "PreprocessConfig",
+    "check_spacing",
+    "config_from_dict",
+    "config_to_dict",
     "inplane_target_shape",
     "normalise_intensity",
     "preprocess_slice",
@@ -90,7 +93,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _config_to_dict(obj: Any) -> dict[str, Any]:
+def config_to_dict(obj: Any) -> dict[str, Any]:
     """Plain JSON-able dict of a flat configuration dataclass (tuples become lists)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
@@ -99,7 +102,7 @@ def _config_to_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
-def _config_from_dict(cls: type, data: Any) -> Any:
+def config_from_dict(cls: type, data: Any) -> Any:
     """Build flat configuration dataclass ``cls`` from ``data``; unknown keys raise InputError."""
     if not isinstance(data, dict):
         raise InputError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
@@ -167,12 +170,12 @@ class PreprocessConfig:
                 raise InputError(f"PreprocessConfig: {name} must be in {low:g}..{high:g} mm, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _config_to_dict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise InputError."""
-        return _config_from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,7 +246,8 @@ def normalise_intensity(
     return out
 
 
-def _check_spacing(spacing: Any, ndim: int, what: str) -> tuple[float, ...]:
+def check_spacing(spacing: Any, ndim: int, what: str) -> tuple[float, ...]:
+    """``spacing`` as ``ndim`` positive finite floats, else an InputError naming ``what``."""
     try:
         values = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
@@ -267,7 +271,7 @@ def preprocess_volume(
     array = np.asarray(array)
     if array.ndim != 3:
         raise InputError(f"preprocess_volume expects a 3-D (z, y, x) array, got shape {array.shape}")
-    _check_spacing(spacing_zyx, 3, "preprocess_volume")
+    check_spacing(spacing_zyx, 3, "preprocess_volume")
     if config.normalise:
         return normalise_intensity(array, config.lower_percentile, config.upper_percentile, dtype)
     out = array.astype(dtype, copy=True)
@@ -297,7 +301,7 @@ def preprocess_slice(slice2d: np.ndarray, pixel_spacing: tuple[float, float], co
     image = np.asarray(slice2d)
     if image.ndim != 2:
         raise InputError(f"preprocess_slice expects a 2-D slice, got shape {image.shape}")
-    spacing = np.asarray(_check_spacing(pixel_spacing, 2, "preprocess_slice"))
+    spacing = np.asarray(check_spacing(pixel_spacing, 2, "preprocess_slice"))
     out = image.astype(np.float32, copy=True)
     out[~np.isfinite(out)] = 0.0
     lo, hi = float(out.min()), float(out.max())
@@ -357,8 +361,8 @@ def inplane_target_shape(
     hw: tuple[int, int], from_spacing: tuple[float, float], to_spacing: tuple[float, float]
 ) -> tuple[int, int]:
     """Shape ``(round(H * from_r / to_r), round(W * from_c / to_c))`` (at least 1 pixel each)."""
-    fr, fc = _check_spacing(from_spacing, 2, "inplane_target_shape")
-    tr, tc = _check_spacing(to_spacing, 2, "inplane_target_shape")
+    fr, fc = check_spacing(from_spacing, 2, "inplane_target_shape")
+    tr, tc = check_spacing(to_spacing, 2, "inplane_target_shape")
     h, w = (int(v) for v in hw)
     if h < 1 or w < 1:
         raise InputError(f"inplane_target_shape: empty slice shape {hw}")

@@ -2,7 +2,8 @@
 
 Values are fixed promises: 0 background, 1 vertebral body, 2 intervertebral disc,
 3 spinal canal, 4 lesion.  Models may add classes with higher values; they carry
-their own :class:`LabelClass` records in their metadata.
+their own :class:`LabelClass` records in their metadata.  In training targets,
+:data:`IGNORE` (255) marks voxels that are unlabelled or outside the image (the loss skips them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ VERTEBRAL_BODY = 1
 INTERVERTEBRAL_DISC = 2
 SPINAL_CANAL = 3
 LESION = 4
+IGNORE = 255  # training targets: not labelled / outside the image (never a class value)
 
 
 @dataclass(frozen=True)

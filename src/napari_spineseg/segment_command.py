@@ -95,7 +95,7 @@ def _discover(inputs: list[str]) -> tuple[list[Job], dict[str, list[Any]], int]:
     return jobs, kept, failures
 
 
-def _as_directory(option: str, what: str) -> bool:
+def as_directory(option: str, what: str) -> bool:
     """Whether an output option names a directory; refuses an unknown file extension."""
     from .io import DICOM_SUFFIXES, volume_suffix
 
@@ -118,7 +118,7 @@ def plan_outputs(jobs: list[Job], args: argparse.Namespace) -> None:
     from .io import volume_suffix
 
     several = len(jobs) > 1
-    if args.output and not _as_directory(args.output, "-o"):
+    if args.output and not as_directory(args.output, "-o"):
         output = Path(args.output).expanduser()
         if several:
             raise InputError(f"{shown(output)}: several studies need an output directory, not a file")
@@ -135,7 +135,7 @@ def plan_outputs(jobs: list[Job], args: argparse.Namespace) -> None:
         base = name[: -len(suffix)] if suffix else name
         if args.dicom_seg:
             seg = Path(args.dicom_seg).expanduser()
-            if seg.is_dir() or _as_directory(args.dicom_seg, "--dicom-seg"):
+            if seg.is_dir() or as_directory(args.dicom_seg, "--dicom-seg"):
                 job.dicom_seg = seg / f"{base}.dcm"
             elif several:
                 raise InputError(f"--dicom-seg {shown(seg)}: several studies need a directory for their DICOM-SEGs")
@@ -145,7 +145,7 @@ def plan_outputs(jobs: list[Job], args: argparse.Namespace) -> None:
                 job.dicom_seg = seg
         if args.uncertainty:
             unc = Path(args.uncertainty).expanduser()
-            if _as_directory(args.uncertainty, "--uncertainty"):
+            if as_directory(args.uncertainty, "--uncertainty"):
                 job.uncertainty = unc / f"{base}_uncertainty.nii.gz"
             elif several:
                 raise InputError(f"--uncertainty {shown(unc)}: several studies need a directory for their maps")
@@ -168,7 +168,7 @@ def _levels_path(option: str, base: str, several: bool) -> Path:
     from .io import LABEL_SUFFIXES, volume_suffix
 
     path = Path(option).expanduser()
-    if _as_directory(option, "--levels"):
+    if as_directory(option, "--levels"):
         return path / f"{base}_levels.nii.gz"
     if several:
         raise InputError(f"--levels {shown(path)}: several studies need a directory for their level maps")
@@ -262,6 +262,22 @@ def _stage_levels(outputs: OutputSet, path: Path, levels: Any, geometry: Any, re
     )
 
 
+def run_with_progress(predictor: Any, volume: Any, quiet: bool) -> Any:
+    """Drain ``predictor.run(volume)`` behind a percentage bar on stderr (none when ``quiet``)."""
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=volume.name[:30], unit="%", leave=False, disable=quiet) as bar:
+        generator = predictor.run(volume)
+        while True:
+            try:
+                event = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            bar.n = round(100 * event.fraction)
+            bar.set_postfix_str(event.plane or event.stage)
+            bar.refresh()
+
+
 def _segment_job(job: Job, volume: Any, predictor: Any, model: Any, args: argparse.Namespace, common: dict) -> None:
     from .dicomseg import require_dicom_source
     from .io import volume_suffix
@@ -273,9 +289,7 @@ def _segment_job(job: Job, volume: Any, predictor: Any, model: Any, args: argpar
             print(f"spineseg: warning: {job.name[:60]}: {warning}", file=sys.stderr)
     if volume_suffix(job.labels) == ".dcm" or job.dicom_seg is not None:
         require_dicom_source(volume)  # before the (slow) segmentation
-    from .cli import _run_with_progress
-
-    result = _run_with_progress(predictor, volume, args.quiet)
+    result = run_with_progress(predictor, volume, args.quiet)
     record = dict(common, source=str(job.source.resolve()), source_sha256=_source_checksum(job))
     levels = None
     if job.levels is not None:

@@ -10,11 +10,23 @@ from pathlib import Path
 from ..errors import InputError
 
 
+def _load_cases(data: str, datasets: tuple[str, ...]) -> list:
+    """The lumbar cases of a ``lumbar-mri`` folder, or of a packed ``.npz`` (:mod:`.packed`)."""
+    from .data import load_lumbar_dataset
+    from .packed import load_packed_cases
+
+    if str(data).endswith(".npz"):
+        return load_packed_cases(Path(data).expanduser(), datasets)
+    return load_lumbar_dataset(data, datasets)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from .recipes import recipe_names
 
     parser.add_argument("--recipe", default="default", help=f"one of: {', '.join(recipe_names())}")
-    parser.add_argument("--data", metavar="DIR", help="lumbar-mri folder (with VB3/, VB1/, IVD/)")
+    parser.add_argument(
+        "--data", metavar="DIR", help="lumbar-mri folder (with VB3/, VB1/, IVD/) or a packed .npz of cases"
+    )
     parser.add_argument("--datasets", default=None, help="comma-separated datasets (default: the recipe's)")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--val-patients", metavar="IDS", help="comma-separated patient or case ids, e.g. VB3-01,VB1-P06")
@@ -55,7 +67,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare_run(args: argparse.Namespace):
     """Recipe, config, train and validation cases, provenance from parsed arguments."""
     from ..orientation import Plane
-    from .data import kfold_by_patient, load_lumbar_dataset, patient_split, phantom_cases
+    from .data import kfold_by_patient, patient_split, phantom_cases
     from .recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
@@ -97,8 +109,8 @@ def prepare_run(args: argparse.Namespace):
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else recipe.datasets
     n_phantoms = recipe.phantoms if args.phantoms is None else int(args.phantoms)
     if args.data is None and n_phantoms <= 0:
-        raise InputError("give --data DIR (the lumbar-mri folder) and/or --phantoms N")
-    cases = load_lumbar_dataset(args.data, datasets) if args.data else []
+        raise InputError("give --data DIR|CASES.npz (the lumbar-mri folder) and/or --phantoms N")
+    cases = _load_cases(args.data, datasets) if args.data else []
     split: dict = {}
     if args.fold is not None or args.folds is not None:
         if args.fold is None or args.folds is None:
@@ -188,8 +200,8 @@ def run_recipe_gate(args: argparse.Namespace, recipe, model_path: Path, train_ca
     """Second stage of recipes with a lesion-presence gate: train it on SIMULATED lesions in the
     same patients' VB3/VB1 studies (same split) and store it in the model file just written."""
     from ..modelfile import load_model
-    from .gate import gate_config_for_model
     from .gate_command import run_gate_stage
+    from .lesion_gate_trainer import gate_config_for_model
 
     if args.data is None:
         print("spineseg: lesion gate skipped: it needs --data (real studies to plant simulated lesions in)")

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..augment import IGNORE
 from ..errors import InputError
 from ..metrics import labelled_span_region
 from ..orientation import Plane, plane_array_axis
-from ..schema import INTERVERTEBRAL_DISC, LESION, VERTEBRAL_BODY
+from ..schema import IGNORE, INTERVERTEBRAL_DISC, LESION, VERTEBRAL_BODY
 from ..volume import Volume, check_same_grid
 
 __all__ = [
@@ -153,14 +152,9 @@ def load_lumbar_dataset(
     """All cases of the lumbar-mri folder ``root`` (``<root>/<dataset>/<id>_img|_seg.nii.gz``).
 
     ``cases`` optionally restricts to case ids (``"VB3-01"``).  Labels outside the labelled S–I
-    span (grown by ``margin`` voxels) become IGNORE.  ``root`` may also be a packed ``.npz`` of
-    cases (:mod:`.packed`, made with ``scripts/pack_training_data.py``; ``margin`` as packed).
+    span (grown by ``margin`` voxels) become IGNORE.
     """
     root = Path(root).expanduser()
-    if root.suffix == ".npz" and root.is_file():
-        from .packed import load_packed_cases
-
-        return load_packed_cases(root, datasets, cases)
     if not root.is_dir():
         raise InputError(f"{root}: training data folder not found")
     wanted = None if cases is None else set(cases)

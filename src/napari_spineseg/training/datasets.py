@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..augment import IGNORE, AugmentConfig, augment_pair, mirror_left_right
+from ..augment import AugmentConfig, augment_pair, mirror_left_right
 from ..errors import InputError
 from ..orientation import Plane
 from ..preprocess import PreprocessConfig, preprocess_slice, resample_slices
+from ..schema import IGNORE
 from ..slicing import PreparedStudy, canonical_labels, plane_pixel_spacing, plane_view, prepare_study, slice_batch
 from .data import TrainingCase
 

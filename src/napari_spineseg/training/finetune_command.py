@@ -56,6 +56,12 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-last", action="store_true", help="keep the last step's weights (no selection by validation)"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="save the model even if it lost more than --max-forgetting Dice points on the fixed set "
+        "(refused otherwise)",
+    )
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
     parser.add_argument(
@@ -217,6 +223,6 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         print(f"kept the weights of step {result.selected_step} of {result.steps} (fixed-set loss within tolerance)")
     if result.new_classes:
         print("new classes: " + ", ".join(f"{c.value} = {c.name}" for c in result.new_classes))
-    path = save_finetuned(result, args.output)
+    path = save_finetuned(result, args.output, force=args.force)
     print(f"saved the fine-tuned model to {path} (base {base_path} unchanged)")
     return 0

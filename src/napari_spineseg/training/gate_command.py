@@ -50,7 +50,7 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def gate_config_from_args(args: argparse.Namespace, metadata, output: Path | None):
-    from .gate import GateConfig, gate_config_for_model
+    from .lesion_gate_trainer import GateConfig, gate_config_for_model
 
     overrides: dict[str, Any] = {
         "steps": getattr(args, "steps", None),
@@ -85,10 +85,10 @@ def run_gate_stage(
     quiet: bool = False,
     provenance: dict[str, Any] | None = None,
 ):
-    """Run :func:`~.gate.train_gate` with a progress bar; returns its result (``None`` if interrupted)."""
+    """Run :func:`~.lesion_gate_trainer.train_gate` with a progress bar; returns its result (``None``: interrupted)."""
     from tqdm import tqdm
 
-    from .gate import train_gate
+    from .lesion_gate_trainer import train_gate
 
     generator = train_gate(config, train_cases, val_cases, base=base, provenance=provenance)
     bar = None

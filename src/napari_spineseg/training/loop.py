@@ -25,14 +25,11 @@ learning rate for it, e.g. a slower encoder).
 from __future__ import annotations
 
 import copy
-import csv
 import datetime as _dt
-import io
 import json
 import logging
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -42,19 +39,23 @@ from typing import Any
 
 import numpy as np
 
-from ..augment import IGNORE, AugmentConfig
+from ..augment import AugmentConfig
 from ..errors import InputError, ModelFileError
 from ..modelfile import ModelMetadata, save_model
 from ..orientation import Plane
 from ..postprocess import default_postprocess
 from ..preprocess import PreprocessConfig
-from ..schema import LabelClass, default_classes
+from ..provenance import json_safe
+from ..runtime import autocast, resolve_device, seed_everything, training_precision
+from ..schema import IGNORE, LabelClass, default_classes
+from .common import SCHEDULES, CsvLog, scheduled_lr
 from .data import TrainingCase
 
 __all__ = [
     "TrainConfig",
     "TrainEvent",
     "TrainResult",
+    "TrainingRun",
     "build_training_dataset",
     "load_resume_state",
     "resume_path_for",
@@ -66,22 +67,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RESUME_FORMAT = "napari-spineseg-resume"
-SCHEDULES = ("none", "cosine", "step")
 PRECISIONS = ("auto", "off", "fp32", "bf16", "fp16")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    return value
 
 
 @dataclass
@@ -181,7 +167,7 @@ class TrainConfig:
                 value = [c.to_dict() for c in value]
             elif isinstance(value, (PreprocessConfig, AugmentConfig)):
                 value = value.to_dict()
-            out[name] = _json_safe(value)
+            out[name] = json_safe(value)
         return out
 
     @classmethod
@@ -242,47 +228,21 @@ def resume_path_for(output: Path) -> Path:
 # Devices, precision, seeds
 # ------------------------------------------------------------------------------------------------
 def _resolve_runtime(config: TrainConfig) -> tuple[str, str]:
-    from ..inference import resolve_device, resolve_precision
-
     device = resolve_device(config.device)
-    precision = config.mixed_precision
-    precision = "fp32" if precision in ("off", "fp32") else resolve_precision(precision, device)
-    if precision == "fp16" and not device.startswith("cuda"):
-        raise InputError("fp16 mixed precision needs CUDA; use bf16 on CPU")
-    return device, precision
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _autocast(device: str, precision: str):
-    import contextlib
-
-    import torch
-
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-    return contextlib.nullcontext()
+    return device, training_precision(config.mixed_precision, device)
 
 
 def _lr_at(config: TrainConfig, step: int, total: int) -> float:
-    base = config.lr
-    if config.warmup_steps > 0 and step < config.warmup_steps:
-        return base * (step + 1) / config.warmup_steps
-    if config.schedule == "cosine":
-        span = max(1, total - config.warmup_steps)
-        t = min(1.0, max(0.0, (step - config.warmup_steps) / span))
-        floor = config.min_lr_fraction
-        return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-    if config.schedule == "step":
-        return base * config.step_gamma ** (step // max(1, config.step_size))
-    return base
+    return scheduled_lr(
+        config.lr,
+        step,
+        total,
+        schedule=config.schedule,
+        warmup_steps=config.warmup_steps,
+        min_lr_fraction=config.min_lr_fraction,
+        step_size=config.step_size,
+        step_gamma=config.step_gamma,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,7 +347,7 @@ def _architecture_kwargs(network, config: TrainConfig) -> dict[str, Any]:
     kwargs = dict(getattr(network, "arch_kwargs", None) or config.architecture_kwargs)
     kwargs.pop("in_channels", None)
     kwargs.pop("num_classes", None)
-    return _json_safe(kwargs)
+    return json_safe(kwargs)
 
 
 def _metadata(network, config: TrainConfig, training: dict[str, Any], metrics: dict[str, Any]) -> ModelMetadata:
@@ -400,8 +360,8 @@ def _metadata(network, config: TrainConfig, training: dict[str, Any], metrics: d
         preprocess=config.preprocess.to_dict(),
         postprocess=dict(config.postprocess),
         planes=list(config.planes),
-        training=_json_safe(training),
-        metrics=_json_safe(metrics),
+        training=json_safe(training),
+        metrics=json_safe(metrics),
         description=config.description,
     )
 
@@ -426,9 +386,9 @@ def _save_resume(path: Path, network, optimizer, state: dict[str, Any]) -> None:
     record = {
         "format": RESUME_FORMAT,
         "version": 1,
-        "state": _json_safe(state),
-        "param_groups": _json_safe(opt["param_groups"]),
-        "optimizer_scalars": _json_safe(scalars),
+        "state": json_safe(state),
+        "param_groups": json_safe(opt["param_groups"]),
+        "optimizer_scalars": json_safe(scalars),
     }
     try:
         with atomic_path(path) as temp:
@@ -469,37 +429,18 @@ def load_resume_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     return model_state, optimizer, record["state"]
 
 
-class _CsvLog:
-    """Append-only CSV log: one complete, flushed row per write (header when the file is new)."""
-
-    def __init__(self, path: Path | None, class_names: list[str]) -> None:
-        self.path = path
-        self.columns = [
-            "step",
-            "epoch",
-            "train_loss",
-            "lr",
-            "val_mean_dice",
-            *[f"dice_{n.replace(' ', '_')}" for n in class_names],
-            "seconds",
-            "best",
-        ]
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-        with self.path.open("a", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
+def log_columns(class_names: Sequence[str]) -> list[str]:
+    """The columns of the training CSV log (one row per validation)."""
+    return [
+        "step",
+        "epoch",
+        "train_loss",
+        "lr",
+        "val_mean_dice",
+        *[f"dice_{n.replace(' ', '_')}" for n in class_names],
+        "seconds",
+        "best",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,41 +534,125 @@ def train(
     stops the run cleanly between steps (a resume checkpoint is written).  ``provenance`` is merged
     into the model's training record.
     Under ``torch.distributed`` (see :mod:`.distributed`) only rank 0 validates and writes.
+    The phases are the methods of :class:`TrainingRun`.
     """
-    import torch
+    run = TrainingRun(
+        config,
+        train_cases,
+        val_cases,
+        network=network,
+        replay_cases=replay_cases,
+        dataset=dataset,
+        loss_hook=loss_hook,
+        cancel=cancel,
+        provenance=provenance,
+        param_groups=param_groups,
+    )
+    return (yield from run.events())
 
-    started = time.perf_counter()
-    if config.num_threads is not None:
-        torch.set_num_threads(max(1, int(config.num_threads)))
-    rank, world = _distributed()
-    main = rank == 0
-    device, precision = _resolve_runtime(config)
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        torch.cuda.set_device(device)
-    _seed_everything(config.seed)
-    all_train = list(train_cases) + list(replay_cases)
-    if dataset is None:
-        if not all_train:
-            raise InputError("no training cases")
-        dataset = build_training_dataset(config, all_train)
-    per_epoch = _steps_per_epoch(len(dataset), config.batch_size, world)
-    if per_epoch < 1 or len(dataset) // world < config.batch_size:
-        logger.warning("fewer samples (%d) than the batch size (%d)", len(dataset), config.batch_size)
-    total_steps = int(config.steps) if config.steps is not None else int(config.epochs) * per_epoch
 
-    # Network and optimizer ------------------------------------------------------------------
-    net = network if network is not None else _build_network(config)
-    channels_last = precision in ("bf16", "fp16") or device.startswith("cuda")
-    net = net.to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    groups = [dict(g) for g in param_groups] if param_groups is not None else [{"params": list(net.parameters())}]
-    for group in groups:
-        group["lr_scale"] = float(group.get("lr_scale", 1.0))
-    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-    step, best_score, best_step, history, bad_validations = 0, None, None, [], 0
-    if config.resume is not None:
+class TrainingRun:
+    """One training run: its state on the object, its phases as methods, driven by :meth:`events`.
+
+    :meth:`setup` (runtime, data, network, optimizer, resume), :meth:`step` (one optimizer step),
+    :meth:`validate` (Dice on the validation cases, CSV row), :meth:`keep_best` (best weights in
+    memory), :meth:`save_best` (the model file), :meth:`checkpoint` (the resume file),
+    :meth:`result` (the :class:`TrainResult`).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_cases: Sequence[TrainingCase],
+        val_cases: Sequence[TrainingCase] = (),
+        *,
+        network=None,
+        replay_cases: Sequence[TrainingCase] = (),
+        dataset=None,
+        loss_hook: Callable[[Any, dict[str, Any], Any], Any] | None = None,
+        cancel: threading.Event | None = None,
+        provenance: dict[str, Any] | None = None,
+        param_groups: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        self.config = config
+        self.train_cases = list(train_cases)
+        self.val_cases = list(val_cases)
+        self.replay_cases = list(replay_cases)
+        self.network = network
+        self.dataset = dataset
+        self.loss_hook = loss_hook
+        self.cancel = cancel
+        self.provenance = provenance
+        self.param_groups = param_groups
+        self.started = time.perf_counter()
+        self.step_count = 0
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.history: list[dict[str, Any]] = []
+        self.bad_validations = 0
+
+    # Setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Runtime, seeds, dataset, network, optimizer (and resume state), loss, output files."""
+        import torch
+
+        config = self.config
+        self.started = time.perf_counter()
+        if config.num_threads is not None:
+            torch.set_num_threads(max(1, int(config.num_threads)))
+        self.rank, self.world = _distributed()
+        self.main = self.rank == 0
+        device, self.precision = _resolve_runtime(config)
+        if self.world > 1 and device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}"
+            torch.cuda.set_device(device)
+        self.device = device
+        seed_everything(config.seed)
+        all_train = self.train_cases + self.replay_cases
+        if self.dataset is None:
+            if not all_train:
+                raise InputError("no training cases")
+            self.dataset = build_training_dataset(config, all_train)
+        self.per_epoch = _steps_per_epoch(len(self.dataset), config.batch_size, self.world)
+        if self.per_epoch < 1 or len(self.dataset) // self.world < config.batch_size:
+            logger.warning("fewer samples (%d) than the batch size (%d)", len(self.dataset), config.batch_size)
+        self.total_steps = int(config.steps) if config.steps is not None else int(config.epochs) * self.per_epoch
+        self._setup_network()
+        self.loss_fn = _build_loss(config).to(device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.output = config.output if self.main else None
+        self.resume_out = resume_path_for(self.output) if self.output is not None else None
+        self.log = CsvLog(config.log_csv if self.main else None, log_columns([c.name for c in config.classes[1:]]))
+        self.training_record = self._training_record()
+
+    def _setup_network(self) -> None:
+        import torch
+
+        config, device = self.config, self.device
+        net = self.network if self.network is not None else _build_network(config)
+        self.channels_last = self.precision in ("bf16", "fp16") or device.startswith("cuda")
+        net = net.to(device)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if self.param_groups is not None:
+            groups = [dict(g) for g in self.param_groups]
+        else:
+            groups = [{"params": list(net.parameters())}]
+        for group in groups:
+            group["lr_scale"] = float(group.get("lr_scale", 1.0))
+        self.net = net
+        self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        if config.resume is not None:
+            self._resume()
+        self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+        self.model: Any = net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
+
+    def _resume(self) -> None:
+        config, net = self.config, self.net
         model_state, opt_state, state = load_resume_state(config.resume)
         if state.get("architecture") != getattr(net, "arch_name", config.architecture):
             raise InputError(
@@ -636,248 +661,284 @@ def train(
             )
         try:
             net.load_state_dict(model_state, strict=True)
-            optimizer.load_state_dict(opt_state)
+            self.optimizer.load_state_dict(opt_state)
         except (RuntimeError, ValueError, KeyError) as error:
             raise InputError(f"{config.resume}: checkpoint does not match this network ({error})") from None
-        step = int(state["step"])
-        best_score, best_step = state.get("best_score"), state.get("best_step")
-        history = list(state.get("history", []))
-        bad_validations = int(state.get("bad_validations", 0))
-        logger.info("resumed from %s at step %d", config.resume, step)
-    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
-    model: Any = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+        self.step_count = int(state["step"])
+        self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
+        self.history = list(state.get("history", []))
+        self.bad_validations = int(state.get("bad_validations", 0))
+        logger.info("resumed from %s at step %d", config.resume, self.step_count)
 
-        model = DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
-    loss_fn = _build_loss(config).to(device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    def _training_record(self) -> dict[str, Any]:
+        import torch
 
-    output = config.output if main else None
-    resume_out = resume_path_for(output) if output is not None else None
-    class_names = [c.name for c in config.classes[1:]]
-    log = _CsvLog(config.log_csv if main else None, class_names)
-    training_record = {
-        "recipe": config.recipe,
-        "config": config.to_dict(),
-        "train_cases": [c.case_id for c in train_cases],
-        "val_cases": [c.case_id for c in val_cases],
-        "replay_cases": [c.case_id for c in replay_cases],
-        "train_patients": sorted({c.patient for c in train_cases}),
-        "val_patients": sorted({c.patient for c in val_cases}),
-        "data_paths": sorted({p for c in [*train_cases, *val_cases] for p in c.paths.values()}),
-        "seed": config.seed,
-        "total_steps": total_steps,
-        "world_size": world,
-        "device": device,
-        "precision": precision,
-        "torch_version": torch.__version__,
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        **(provenance or {}),
-    }
-    try:
-        from .. import __version__
-
-        training_record["package_version"] = __version__
-    except ImportError:  # pragma: no cover
-        pass
-
-    def loop_state() -> dict[str, Any]:
-        return {
-            "step": step,
-            "epoch": step // per_epoch,
-            "best_score": best_score,
-            "best_step": best_step,
-            "history": history,
-            "bad_validations": bad_validations,
-            "architecture": getattr(net, "arch_name", config.architecture),
+        config, train_cases, val_cases = self.config, self.train_cases, self.val_cases
+        record = {
+            "recipe": config.recipe,
             "config": config.to_dict(),
+            "train_cases": [c.case_id for c in train_cases],
+            "val_cases": [c.case_id for c in val_cases],
+            "replay_cases": [c.case_id for c in self.replay_cases],
+            "train_patients": sorted({c.patient for c in train_cases}),
+            "val_patients": sorted({c.patient for c in val_cases}),
+            "data_paths": sorted({p for c in [*train_cases, *val_cases] for p in c.paths.values()}),
+            "seed": config.seed,
+            "total_steps": self.total_steps,
+            "world_size": self.world,
+            "device": self.device,
+            "precision": self.precision,
+            "torch_version": torch.__version__,
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            **(self.provenance or {}),
+        }
+        try:
+            from .. import __version__
+
+            record["package_version"] = __version__
+        except ImportError:  # pragma: no cover
+            pass
+        return record
+
+    # State ---------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.step_count // self.per_epoch
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def loop_state(self) -> dict[str, Any]:
+        """What a resume checkpoint records besides the tensors."""
+        return {
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "history": self.history,
+            "bad_validations": self.bad_validations,
+            "architecture": getattr(self.net, "arch_name", self.config.architecture),
+            "config": self.config.to_dict(),
         }
 
-    def save_checkpoint() -> None:
-        if resume_out is not None:
-            _save_resume(resume_out, net, optimizer, loop_state())
+    # Phases --------------------------------------------------------------------------------------
+    def loader(self, epoch: int):
+        """The data loader of ``epoch`` (from the current step on, after a resume)."""
+        import torch
 
-    def save_best(metrics: dict[str, Any]) -> Path | None:
-        if output is None:
-            return None
-        record = {**training_record, "steps": step, "best_step": step, "finished": None}
-        return save_model(net, _metadata(net, config, record, metrics), output)
-
-    def result(cancelled: bool = False, early: bool = False) -> TrainResult:
-        best_net = copy.deepcopy(net).cpu()
-        best_net.load_state_dict(best_state)
-        best_net.eval()
-        saved = output if output is not None and output.is_file() else None
-        return TrainResult(
-            saved, best_score, best_step, history, step, total_steps, cancelled, early, resume_out, best_net
+        config = self.config
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        order = _epoch_order(self.dataset, config, epoch, self.rank, self.world)
+        skip = (self.step_count % self.per_epoch) * config.batch_size
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=config.batch_size,
+            sampler=order[skip:],
+            num_workers=config.num_workers,
+            drop_last=len(order) - skip >= config.batch_size,
+            pin_memory=self.device.startswith("cuda"),
         )
 
-    def run_validation(loss_value: float | None, lr: float) -> tuple[TrainEvent, bool, bool]:
-        """Validate (rank 0), log, maybe save; returns (event, improved, stop)."""
-        nonlocal best_score, best_step, bad_validations, best_state
+    def step(self, batch: dict[str, Any]) -> tuple[float, float]:
+        """One optimizer step on ``batch``; returns ``(loss, learning rate)``."""
+        import torch
+
+        config, device, net, optimizer = self.config, self.device, self.net, self.optimizer
+        lr = _lr_at(config, self.step_count, self.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        image = batch["image"].to(device, non_blocking=True)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        target = batch["target"].to(device, non_blocking=True)
+        known = batch["known"].to(device, non_blocking=True)
+        with autocast(device, self.precision):
+            logits = self.model(image)
+        loss = self.loss_fn(logits, target, known)
+        if self.loss_hook is not None:
+            extra = self.loss_hook(net, batch, logits)
+            if extra is not None:
+                loss = loss + extra
+        if not torch.isfinite(loss):
+            raise InputError(f"training diverged at step {self.step_count} (loss {float(loss)})")
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if config.grad_clip:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+            optimizer.step()
+        self.step_count += 1
+        return float(loss.detach()), lr
+
+    def keep_best(self, score: float | None) -> bool:
+        """Whether ``score`` improves on the best (rank 0); if so the weights are kept in memory."""
+        if not self.main:
+            return False
+        improved = score is None or self.best_score is None or score > self.best_score + self.config.min_delta
+        if improved:  # no validation data (score None): the latest weights are the best we know
+            self.best_score, self.best_step, self.bad_validations = score, self.step_count, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+        else:
+            self.bad_validations += 1
+        return improved
+
+    def validate(self, loss_value: float | None, lr: float) -> tuple[TrainEvent, bool, bool]:
+        """Validate (rank 0), keep the best, log; returns ``(event, improved, stop early)``."""
+        config, step = self.config, self.step_count
         t0 = time.perf_counter()
         means: dict[int, float] = {}
-        if val_cases and main:
-            means, _ = validate(net, config, val_cases, device, precision)
+        if self.val_cases and self.main:
+            means, _ = validate(self.net, config, self.val_cases, self.device, self.precision)
         score = float(np.mean(list(means.values()))) if means else None
-        improved = False
-        if main:
-            if score is None:
-                improved = True  # no validation data: the latest weights are the best we know
-            elif best_score is None or score > best_score + config.min_delta:
-                improved = True
-            if improved:
-                best_score, best_step, bad_validations = score, step, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            else:
-                bad_validations += 1
+        improved = self.keep_best(score)
         named = {config.classes[v].name: round(d, 5) for v, d in means.items()}
         row = {
             "step": step,
-            "epoch": step // per_epoch,
+            "epoch": self.epoch,
             "train_loss": None if loss_value is None else round(loss_value, 6),
             "lr": lr,
             "val_mean_dice": None if score is None else round(score, 5),
             **{f"dice_{n.replace(' ', '_')}": d for n, d in named.items()},
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds": round(self.seconds(), 1),
             "best": int(improved),
         }
-        history.append(row)
-        log.write(row)
-        stop = config.patience is not None and bad_validations >= config.patience
-        stop = _broadcast_flag(stop, world)
+        self.history.append(row)
+        self.log.write(row)
+        stop = config.patience is not None and self.bad_validations >= config.patience
+        stop = _broadcast_flag(stop, self.world)
+        message = f"validation took {time.perf_counter() - t0:.1f} s"
         event = TrainEvent(
-            "validation",
-            step,
-            total_steps,
-            step // per_epoch,
-            loss_value,
-            lr,
-            named,
-            score,
-            f"validation took {time.perf_counter() - t0:.1f} s",
-            time.perf_counter() - started,
+            "validation", step, self.total_steps, self.epoch, loss_value, lr, named, score, message, self.seconds()
         )
         return event, improved, stop
 
-    # Main loop ---------------------------------------------------------------------------------
-    net.train()
-    running, running_count, since_val, since_count = 0.0, 0, 0.0, 0
-    validated_at = step if config.resume is not None else -1
-    cancelled = early = False
-    epoch = step // per_epoch
-    try:
-        while step < total_steps:
-            epoch = step // per_epoch
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            order = _epoch_order(dataset, config, epoch, rank, world)
-            skip = (step % per_epoch) * config.batch_size
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=config.batch_size,
-                sampler=order[skip:],
-                num_workers=config.num_workers,
-                drop_last=len(order) - skip >= config.batch_size,
-                pin_memory=device.startswith("cuda"),
-            )
-            for batch in loader:
-                if cancel is not None and cancel.is_set():
-                    cancelled = True
-                    break
-                lr = _lr_at(config, step, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                image = batch["image"].to(device, non_blocking=True)
-                if channels_last:
-                    image = image.contiguous(memory_format=torch.channels_last)
-                target = batch["target"].to(device, non_blocking=True)
-                known = batch["known"].to(device, non_blocking=True)
-                with _autocast(device, precision):
-                    logits = model(image)
-                loss = loss_fn(logits, target, known)
-                if loss_hook is not None:
-                    extra = loss_hook(net, batch, logits)
-                    if extra is not None:
-                        loss = loss + extra
-                if not torch.isfinite(loss):
-                    raise InputError(f"training diverged at step {step} (loss {float(loss)})")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if config.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if config.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-                    optimizer.step()
-                step += 1
-                value = float(loss.detach())
-                running += value
-                running_count += 1
-                since_val += value
-                since_count += 1
-                yield TrainEvent("step", step, total_steps, epoch, value, lr, seconds=time.perf_counter() - started)
-                if step % config.val_every == 0 or step >= total_steps:
-                    event, improved, stop = run_validation(since_val / max(since_count, 1), lr)
-                    validated_at = step
-                    since_val, since_count = 0.0, 0
-                    yield event
-                    if main:
-                        if improved:
-                            metrics = {"val_dice": event.val_dice, "val_mean_dice": event.val_mean, "step": step}
-                            path = save_best(metrics)
-                            if path is not None:
-                                yield TrainEvent(
-                                    "checkpoint",
-                                    step,
-                                    total_steps,
-                                    epoch,
-                                    message=f"saved best model to {path}",
-                                    val_mean=event.val_mean,
-                                    seconds=time.perf_counter() - started,
-                                )
-                        save_checkpoint()
-                    if stop:
-                        early = True
-                        break
-                if step >= total_steps:
-                    break
-            if cancelled or early:
-                break
-        if cancelled:
-            if main:
-                save_checkpoint()
-        elif validated_at != step and step > 0:
-            event, improved, _ = run_validation(since_val / max(since_count, 1), _lr_at(config, step, total_steps))
-            yield event
-            if main:
-                if improved:
-                    save_best({"val_dice": event.val_dice, "val_mean_dice": event.val_mean, "step": step})
-                save_checkpoint()
-        outcome = result(cancelled, early)
-        message = "cancelled" if cancelled else "stopped early" if early else "finished"
-        yield TrainEvent(
-            "done",
-            step,
-            total_steps,
-            epoch,
-            running / max(running_count, 1),
-            message=f"{message} after {step} steps; best mean Dice {best_score} at step {best_step}",
-            val_mean=best_score,
-            seconds=time.perf_counter() - started,
-            result=outcome,
+    def save_best(self, metrics: dict[str, Any]) -> Path | None:
+        """Write the current weights as the best model file (rank 0, when there is an output)."""
+        if self.output is None:
+            return None
+        record = {**self.training_record, "steps": self.step_count, "best_step": self.step_count, "finished": None}
+        return save_model(self.net, _metadata(self.net, self.config, record, metrics), self.output)
+
+    def checkpoint(self) -> None:
+        """Write the resume checkpoint (weights, optimizer, loop state)."""
+        if self.resume_out is not None:
+            _save_resume(self.resume_out, self.net, self.optimizer, self.loop_state())
+
+    def after_validation(self, event: TrainEvent, improved: bool, epoch: int) -> Generator[TrainEvent, None, None]:
+        """Rank 0: save an improved model (yielding a ``checkpoint`` event), then the resume checkpoint."""
+        if not self.main:
+            return
+        if improved:
+            metrics = {"val_dice": event.val_dice, "val_mean_dice": event.val_mean, "step": self.step_count}
+            path = self.save_best(metrics)
+            if path is not None:
+                yield TrainEvent(
+                    "checkpoint",
+                    self.step_count,
+                    self.total_steps,
+                    epoch,
+                    message=f"saved best model to {path}",
+                    val_mean=event.val_mean,
+                    seconds=self.seconds(),
+                )
+        self.checkpoint()
+
+    def result(self, cancelled: bool = False, early: bool = False) -> TrainResult:
+        """The outcome, with a CPU copy of the network holding the best weights."""
+        best_net = copy.deepcopy(self.net).cpu()
+        best_net.load_state_dict(self.best_state)
+        best_net.eval()
+        output = self.output
+        saved = output if output is not None and output.is_file() else None
+        return TrainResult(
+            saved,
+            self.best_score,
+            self.best_step,
+            self.history,
+            self.step_count,
+            self.total_steps,
+            cancelled,
+            early,
+            self.resume_out,
+            best_net,
         )
-        return outcome
-    finally:
-        # Closed, cancelled, interrupted or failed: every file was written atomically (temp file +
-        # rename), so the model, the resume checkpoint and the CSV are each either old or new, never partial.
-        logger.debug("training generator left at step %d of %d", step, total_steps)
+
+    # Driver --------------------------------------------------------------------------------------
+    def events(self) -> Generator[TrainEvent, None, TrainResult]:
+        """Set up, then step, validate, keep the best and checkpoint until done; yields every event."""
+        self.setup()
+        config = self.config
+        self.net.train()
+        running, running_count, since_val, since_count = 0.0, 0, 0.0, 0
+        validated_at = self.step_count if config.resume is not None else -1
+        cancelled = early = False
+        epoch = self.epoch
+        try:
+            while self.step_count < self.total_steps:
+                epoch = self.epoch
+                for batch in self.loader(epoch):
+                    if self.cancel is not None and self.cancel.is_set():
+                        cancelled = True
+                        break
+                    value, lr = self.step(batch)
+                    running, running_count = running + value, running_count + 1
+                    since_val, since_count = since_val + value, since_count + 1
+                    yield TrainEvent(
+                        "step", self.step_count, self.total_steps, epoch, value, lr, seconds=self.seconds()
+                    )
+                    if self.step_count % config.val_every == 0 or self.step_count >= self.total_steps:
+                        event, improved, stop = self.validate(since_val / max(since_count, 1), lr)
+                        validated_at = self.step_count
+                        since_val, since_count = 0.0, 0
+                        yield event
+                        yield from self.after_validation(event, improved, epoch)
+                        if stop:
+                            early = True
+                            break
+                    if self.step_count >= self.total_steps:
+                        break
+                if cancelled or early:
+                    break
+            if cancelled:
+                if self.main:
+                    self.checkpoint()
+            elif validated_at != self.step_count and self.step_count > 0:
+                lr = _lr_at(config, self.step_count, self.total_steps)
+                event, improved, _ = self.validate(since_val / max(since_count, 1), lr)
+                yield event
+                if self.main:
+                    if improved:
+                        self.save_best(
+                            {"val_dice": event.val_dice, "val_mean_dice": event.val_mean, "step": self.step_count}
+                        )
+                    self.checkpoint()
+            outcome = self.result(cancelled, early)
+            message = "cancelled" if cancelled else "stopped early" if early else "finished"
+            yield TrainEvent(
+                "done",
+                self.step_count,
+                self.total_steps,
+                epoch,
+                running / max(running_count, 1),
+                message=f"{message} after {self.step_count} steps; "
+                f"best mean Dice {self.best_score} at step {self.best_step}",
+                val_mean=self.best_score,
+                seconds=self.seconds(),
+                result=outcome,
+            )
+            return outcome
+        finally:
+            # Closed, cancelled, interrupted or failed: every file was written atomically (temp file +
+            # rename), so the model, the resume checkpoint and the CSV are each either old or new, never partial.
+            logger.debug("training generator left at step %d of %d", self.step_count, getattr(self, "total_steps", 0))
 
 
 def _broadcast_flag(flag: bool, world: int) -> bool:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..augment import IGNORE
 from ..errors import InputError
+from ..schema import IGNORE
 from ..volume import Geometry, Volume
 from .data import TrainingCase
 

@@ -25,8 +25,8 @@
 
 The Tversky recipes come with a slice-level lesion-presence classifier (``lesion-classifier``,
 ResNet-50 style, width 0.125, global average + max pool), trained after the segmenter as a second stage of
-``spineseg train`` (:mod:`.gate`) and stored in the same model file; at inference it zeroes the
-lesion class on slices it is confident are lesion-free (:mod:`napari_spineseg.gate`).  No
+``spineseg train`` (:mod:`.lesion_gate_trainer`) and stored in the same model file; at inference it zeroes the
+lesion class on slices it is confident are lesion-free (:mod:`napari_spineseg.lesion_gate`).  No
 labelled lesion MRI exists: the gate learns from SIMULATED hemangioma-like lesions planted in the
 real VB3/VB1 studies (:mod:`napari_spineseg.lesion_sim`), and its record says so.
 """
@@ -42,7 +42,7 @@ from ..errors import InputError
 from ..postprocess import ClassPostprocess, default_postprocess
 from ..preprocess import PreprocessConfig
 from ..schema import INTERVERTEBRAL_DISC, VERTEBRAL_BODY, default_classes
-from .gate import GateConfig
+from .lesion_gate_trainer import GateConfig
 from .loop import TrainConfig
 
 __all__ = ["Recipe", "get_recipe", "recipe_names"]

@@ -1,4 +1,4 @@
-"""Checks a file passes before it reaches ITK or GDCM, because some malformed headers crash or exhaust them.
+"""Header checks a file must pass before it reaches ITK or GDCM (some malformed headers crash or exhaust them).
 
 Found by fuzzing (``benchmarks/bench_fuzz.py``, see docs/reliability.md):
 
