@@ -363,3 +363,11 @@ def test_napari_writer_exports_a_labels_layer_of_a_dicom_study(
     del meta["metadata"]["source"]
     assert write_dicom_seg_layer(str(tmp_path / "none.dcm"), array, meta) == []  # clear notification instead
     assert not (tmp_path / "none.dcm").exists()
+
+
+def test_a_class_name_with_a_caveat_keeps_its_coding():
+    from napari_spineseg.dicomseg import segment_coding
+    from napari_spineseg.schema import LabelClass
+
+    caveated = LabelClass(3, "spinal canal (experimental: learned from synthetic data)", (0.3, 0.85, 0.4, 1.0))
+    assert segment_coding(caveated).type[0] == "61853006"

@@ -82,9 +82,15 @@ SEGMENT_CODES: dict[str, SegmentCoding] = {
 GENERIC_CODING = SegmentCoding(_TISSUE, _TISSUE)
 
 
+def coding_key(name: str) -> str:
+    """The class name a coding is looked up by: lower case, without a parenthesised caveat
+    (``"spinal canal (experimental: ...)"`` is coded as the spinal canal)."""
+    return name.split(" (", 1)[0].strip().lower()
+
+
 def segment_coding(label_class: LabelClass) -> SegmentCoding:
     """The coded category/type of a class (by name; unknown classes are generic "Tissue")."""
-    return SEGMENT_CODES.get(label_class.name.strip().lower(), GENERIC_CODING)
+    return SEGMENT_CODES.get(coding_key(label_class.name), GENERIC_CODING)
 
 
 # Source series ---------------------------------------------------------------------------------
@@ -387,7 +393,7 @@ def _segment_values(segmentation: Any, classes: Sequence[LabelClass]) -> dict[in
     by_name = {c.name.strip().lower(): c.value for c in classes}
     by_code = {}
     for label_class in classes:
-        coding = SEGMENT_CODES.get(label_class.name.strip().lower())
+        coding = SEGMENT_CODES.get(coding_key(label_class.name))
         if coding is not None:
             by_code[coding.type[:2]] = label_class.value
     mapping = {}
