@@ -149,7 +149,7 @@ def test_manifest_offers_the_widgets_in_the_plugins_and_layers_menus() -> None:
 
     manifest = PluginManifest.from_distribution(PLUGIN)
     names = [w.display_name for w in manifest.contributions.widgets]
-    assert names == ["Segment spine", "Review segmentation", "Fine-tune model"]
+    assert names == ["Segment spine", "Review segmentation", "Fine-tune model", "Interpolate between painted slices"]
     menus = {key: [item.command for item in items] for key, items in manifest.contributions.menus.items()}
     assert "napari-spineseg.segment_widget" in menus["napari/layers/segment"]
     assert "napari-spineseg.review_widget" in menus["napari/layers/measure"]
