@@ -13,6 +13,7 @@ import argparse
 import csv
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -38,10 +39,12 @@ def samples_per_second(
         recipe, train_cases, _, _ = prepare_run(parser.parse_args(argv))
         config = recipe.config
         times = []
+        cpu_start = _cpu_seconds()
         start = time.perf_counter()
         for event in train(config, train_cases, []):
             if event.kind == "step":
                 times.append(time.perf_counter())
+        cpu = _cpu_seconds() - cpu_start
     batch = config.batch_size
     steady = (
         (len(times) - 1 - warmup) * batch / (times[-1] - times[warmup]) if len(times) > warmup + 1 else float("nan")
@@ -53,7 +56,15 @@ def samples_per_second(
         "crop": crop,
         "samples_per_s": steady,
         "samples_per_s_total": len(times) * batch / (times[-1] - start),
+        # CPU seconds (this process and its reaped workers) per sample: what a worker costs on a
+        # machine whose cores are all busy, where samples/s mostly measure the neighbours' load
+        "cpu_s_per_sample": cpu / max(1, len(times) * batch),
     }
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -79,7 +90,8 @@ def main() -> None:
         row.update(machine=machine, device=args.device, load=os.getloadavg()[0], torch=torch.__version__)
         print(
             f"workers {row['workers']:2d}: {row['samples_per_s']:8.1f} samples/s "
-            f"({row['samples_per_s_total']:.1f} with start-up), load {row['load']:.1f}"
+            f"({row['samples_per_s_total']:.1f} with start-up), {row['cpu_s_per_sample']:.3f} CPU s/sample, "
+            f"load {row['load']:.1f}"
         )
         rows.append(row)
     out = Path(args.out)

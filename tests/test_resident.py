@@ -159,7 +159,7 @@ def test_inference_and_packed_training_import_without_simpleitk() -> None:
         "import numpy as np\n"
         "from napari_spineseg.inference import Predictor, SegmentationSettings\n"
         "from napari_spineseg.volume import Volume\n"
-        "import napari_spineseg.training.loop, napari_spineseg.training.packed\n"
+        "import napari_spineseg.training.loop, napari_spineseg.training.packed, napari_spineseg.training.commands\n"
         "from napari_spineseg.models import build_model\n"
         "from napari_spineseg.modelfile import LoadedModel, ModelMetadata\n"
         "net = build_model('unet', in_channels=3, num_classes=5, base=8, depth=2).eval()\n"
