@@ -2,7 +2,10 @@
 peak memory on a 512³ study, and MONAI's SliceInferer (fp32) on the same network as the peer.
 
 Run: ``.venv/bin/python benchmarks/bench_inference.py [--quick]``; prints tables and writes
-``benchmarks/results/inference.csv``.
+``benchmarks/results/inference.csv``.  With CUDA present the GPU rows come first (``--gpu-only``:
+nothing else; written to ``--gpu-out``): the bundled default model on a phantom study scaled to
+224×224×77, 320×320×200 and 512³, host path against the device-resident path, seconds with and
+without post-processing, slices/s, peak device memory and the two paths' label agreement.
 """
 
 from __future__ import annotations
@@ -148,11 +151,114 @@ def peak_rss_512(precision: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024 / 1024
 
 
+GPU_SHAPES = [(77, 224, 224), (200, 320, 320), (512, 512, 512)]
+
+
+def phantom_study(shape_zyx: tuple[int, int, int]) -> Volume:
+    """The default phantom (224×224×77) scaled trilinearly to ``shape_zyx`` over the same field of view."""
+    import torch.nn.functional as F
+
+    from napari_spineseg.phantom import make_phantom
+
+    image = make_phantom(seed=0).image
+    scale = [a / b for a, b in zip(image.shape, shape_zyx)]
+    spacing_xyz = tuple(s * f for s, f in zip(image.spacing, scale[::-1]))
+    source = torch.from_numpy(np.ascontiguousarray(image.array, dtype=np.float32))[None, None]
+    if tuple(shape_zyx) != tuple(image.shape):
+        source = F.interpolate(source, size=shape_zyx, mode="trilinear", align_corners=False)
+    return Volume.from_array(source[0, 0].numpy(), spacing=spacing_xyz, direction=image.direction, name="phantom")
+
+
+def device_rows(device: str, shapes, precision: str = "auto") -> list[dict]:
+    """Host path against the device-resident path on ``device`` (the bundled default model): the best
+    of two runs (one for studies over 10 M voxels), after a warm-up run of each path."""
+    from napari_spineseg.modelfile import load_model
+
+    model = load_model("spineseg-default")
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    rows = []
+    print(f"\n{name}: {'study':13s} {'path':8s} {'s +post':>8s} {'s':>7s} {'slices/s':>9s} {'peak GB':>8s} agree")
+    warm_up = phantom_study(shapes[0])
+    for resident in (False, True):
+        predictor = Predictor(SegmentationSettings(device=device, precision=precision, resident=resident))
+        predictor.load(model)
+        predictor.predict(warm_up)
+    for shape in shapes:
+        volume = phantom_study(shape)
+        label = "x".join(str(s) for s in shape[::-1])
+        repeats = 2 if np.prod(shape) < 10_000_000 else 1
+        labels = {}
+        for resident in (False, True):
+            timed = {}
+            for post in (True, False):
+                predictor = Predictor(SegmentationSettings(device=device, precision=precision, resident=resident))
+                predictor.settings.postprocess = post
+                predictor.load(model)
+                best = float("inf")
+                for _ in range(repeats):
+                    _synchronise(device, reset=True)
+                    start = time.perf_counter()
+                    result = predictor.predict(volume)
+                    _synchronise(device)
+                    best = min(best, time.perf_counter() - start)
+                timed[post] = best
+                if post:
+                    labels[resident] = result.labels.array
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else float("nan")
+            row = {
+                "kind": "device",
+                "device": name,
+                "path": "resident" if resident else "host",
+                "precision": predictor.precision,
+                "shape": label,
+                "seconds_post": timed[True],
+                "seconds": timed[False],
+                "slices_per_s": sum(shape) / timed[False],
+                "peak_device_gb": peak,
+            }
+            if resident:
+                row["agreement"] = float((labels[True] == labels[False]).mean())
+            rows.append(row)
+            print(
+                f"{name}: {label:13s} {row['path']:8s} {row['seconds_post']:8.2f} {row['seconds']:7.2f}"
+                f" {row['slices_per_s']:9.0f} {peak:8.2f} {row.get('agreement', '')}"
+            )
+    return rows
+
+
+def _synchronise(device: str, reset: bool = False) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        keys = sorted({k for row in rows for k in row})
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="default network only, skip 320x320x200 and 512^3")
+    parser.add_argument("--gpu-only", action="store_true", help="only the device rows (CUDA, or --device)")
+    parser.add_argument("--device", default=None, help="device of the device rows (default: cuda when present)")
+    parser.add_argument("--shapes", default=None, help="device rows' studies, e.g. 224x224x77,512x512x512")
+    parser.add_argument("--gpu-out", default=str(RESULTS / "inference_gpu.csv"))
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if device is not None:
+        shapes = GPU_SHAPES
+        if args.shapes:
+            shapes = [tuple(int(v) for v in s.split("x"))[::-1] for s in args.shapes.split(",")]
+        write_rows(device_rows(device, shapes), Path(args.gpu_out))
+    if args.gpu_only:
+        return
     precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
     rows = []
     ceilings = {p: matmul_ceiling(p) for p in precisions}
@@ -215,11 +321,7 @@ def main() -> None:
             gb = peak_rss_512(precision)
             print(f"512^3 three planes, {precision}: peak RSS {gb:.2f} GB")
             rows.append({"kind": "memory", "precision": precision, "shape": "512x512x512", "peak_rss_gb": gb})
-    with (RESULTS / "inference.csv").open("w", newline="") as handle:
-        keys = sorted({k for row in rows for k in row})
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, RESULTS / "inference.csv")
     (RESULTS / "inference.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -29,6 +29,7 @@ from .modelfile import DEFAULT_MODEL_NAME, LoadedModel, ModelMetadata, load_mode
 from .orientation import ALL_PLANES, Plane
 from .postprocess import PostprocessConfig, postprocess_labels
 from .preprocess import PreprocessConfig, resample_back, resample_slices
+from .resident import FusionPlan, accumulate, device_batch_size, segment_resident
 from .runtime import (  # devices and precision live in .runtime; re-exported here for existing callers
     autocast,
     available_devices,  # noqa: F401
@@ -72,6 +73,10 @@ class SegmentationSettings:
     # Test-time left-right mirror (averages the prediction of the study and of its mirror image:
     # twice the network time).  None: as the model file says (``extra.inference.test_time_mirror``).
     test_time_mirror: bool | None = None
+    # Device-resident inference (:mod:`.resident`): the study goes to the device once and only the
+    # label map comes back.  None: on CUDA; True forces it (also on the CPU: the tests' reference);
+    # False keeps the host path.  Per-slice filters (CLAHE, denoising) always take the host path.
+    resident: bool | None = None
 
     def __post_init__(self) -> None:
         self.planes = tuple(dict.fromkeys(p if isinstance(p, Plane) else Plane.parse(str(p))[0] for p in self.planes))
@@ -177,8 +182,6 @@ class Predictor:
         Stops with :class:`Cancelled` at the next batch once ``cancel`` is set (or when the
         consumer closes the generator); nothing is written by this method.
         """
-        import torch
-
         model = self._require_model()
         metadata = model.metadata
         settings = self.settings
@@ -189,67 +192,25 @@ class Predictor:
         preprocess = PreprocessConfig.from_dict(metadata.preprocess) if metadata.preprocess else PreprocessConfig()
         study = prepare_study(volume, preprocess, dtype=np.float16)
         class_values = np.asarray(metadata.class_values)
-        n_classes = len(class_values)
-        weights = self._plane_weights(planes)
-        shape = study.image.shape
-        # Fused accumulator over foreground classes only (background = total weight - sum).
-        # Large studies: an 8-bit accumulator of probabilities quantised to 1/252 of the total weight
-        # (argmax changes only where two classes are within ~1 %), half the memory of float16.
-        total_weight = float(sum(weights[p] for p in planes))
-        quantised = settings.fusion is not FusionMode.VOTE and np.prod(shape) * (n_classes - 1) * 2 > ACCUMULATOR_BYTES
-        if settings.fusion is FusionMode.VOTE:
-            accumulator = np.zeros((*shape, n_classes), dtype=np.uint8)
-        elif quantised:
-            accumulator = np.zeros((*shape, n_classes - 1), dtype=np.uint8)
+        plan = self._fusion_plan(planes, int(np.prod(study.image.shape)))
+        if self._use_resident(preprocess):
+            fused_index, uncertainty = yield from segment_resident(
+                study,
+                planes,
+                plan,
+                preprocess,
+                metadata.context_slices,
+                device=self.device,
+                channels_last=self.device != "cpu" or self.precision == "bf16",
+                probabilities=self.device_probabilities,
+                batch_size=lambda plane, pixels, network_pixels: device_batch_size(
+                    self.device, _batch_for_area(settings.batch_size, pixels, preprocess, study, plane), network_pixels
+                ),
+                event=ProgressEvent,
+                cancel=cancel,
+            )
         else:
-            accumulator = np.zeros((*shape, n_classes - 1), dtype=np.float16)
-        plane_argmax = (
-            np.zeros((len(planes), *shape), dtype=np.uint8)
-            if settings.uncertainty is UncertaintyMode.DISAGREEMENT
-            else None
-        )
-        total = sum(shape[p.canonical_array_axis] for p in planes)
-        done_overall = 0
-        for plane_index, plane in enumerate(planes):
-            stack = plane_view(study.image, plane)
-            target = torch.from_numpy(plane_view(accumulator, plane))  # a strided view, no copy
-            count = stack.shape[0]
-            batch_size = _batch_for_area(settings.batch_size, int(np.prod(stack.shape[1:3])), preprocess, study, plane)
-            for start in range(0, count, batch_size):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("segmentation cancelled")
-                indices = np.arange(start, min(start + batch_size, count))
-                rows = slice(start, start + len(indices))  # a view: no gather/scatter copies
-                probabilities = self._infer_batch(study, stack, indices, plane, preprocess, metadata.context_slices)
-                # (accumulated in torch: vectorised float16 conversion, no temporaries in numpy)
-                if settings.fusion is FusionMode.VOTE:
-                    winners = probabilities.argmax(dim=1)
-                    for c in range(n_classes):
-                        target[rows, ..., c] += (winners == c).to(torch.uint8)
-                elif quantised:
-                    scaled = probabilities[:, 1:] * (QUANTISED_TOTAL * weights[plane] / total_weight)
-                    target[rows] += torch.round(scaled).permute(0, 2, 3, 1).to(torch.uint8)
-                else:
-                    foreground = probabilities[:, 1:]
-                    if weights[plane] != 1.0:
-                        foreground = foreground * weights[plane]
-                    target[rows] += foreground.permute(0, 2, 3, 1).to(torch.float16)
-                if plane_argmax is not None:
-                    plane_view(plane_argmax[plane_index], plane)[rows] = probabilities.argmax(dim=1).numpy()
-                done_overall += len(indices)
-                yield ProgressEvent("plane", plane.value, int(indices[-1]) + 1, count, done_overall / max(total, 1))
-        yield ProgressEvent("fuse", fraction=1.0)
-        del stack, target
-        study.image = np.empty((0, 0, 0), np.float16)  # the slices are done: free them before fusing
-        fused_index, uncertainty = self._fuse(
-            accumulator,
-            QUANTISED_TOTAL if quantised else total_weight,
-            plane_argmax,
-            len(planes),
-            settings.uncertainty is UncertaintyMode.ENTROPY,
-            vote=settings.fusion is FusionMode.VOTE,
-        )
-        del accumulator
+            fused_index, uncertainty = yield from self._segment_host(study, planes, plan, preprocess, cancel)
         lookup = class_values.astype(np.uint8 if class_values.max() < 256 else np.uint16)
         labels_canonical = lookup[fused_index]  # (an int64 lookup would briefly cost 8 bytes per voxel)
         labels_array = study.to_original(labels_canonical)
@@ -275,6 +236,92 @@ class Predictor:
         )
 
     # Internals ---------------------------------------------------------------------------------
+    def _fusion_plan(self, planes: Sequence[Plane], voxels: int) -> FusionPlan:
+        """Accumulator and fusion choices of a run over ``voxels`` canonical voxels."""
+        settings = self.settings
+        n_classes = len(self._require_model().metadata.class_values)
+        weights = self._plane_weights(planes)
+        vote = settings.fusion is FusionMode.VOTE
+        # Fused accumulator over foreground classes only (background = total weight - sum).
+        # Large studies: an 8-bit accumulator of probabilities quantised to 1/252 of the total weight
+        # (argmax changes only where two classes are within ~1 %), half the memory of float16.
+        quantised = not vote and voxels * (n_classes - 1) * 2 > ACCUMULATOR_BYTES
+        return FusionPlan(
+            n_classes,
+            weights,
+            float(sum(weights[p] for p in planes)),
+            vote,
+            QUANTISED_TOTAL if quantised else None,
+            settings.uncertainty is UncertaintyMode.ENTROPY,
+            settings.uncertainty is UncertaintyMode.DISAGREEMENT,
+        )
+
+    def device_probabilities(self, tensor, plane: Plane):
+        """Class probabilities ``[B, C, h, w]`` (float32, on the device) of a network input on the device,
+        the lesion gate applied (the gate's numpy step makes one round trip through the host)."""
+        import torch
+
+        probabilities = self._network_probabilities(tensor, plane)
+        if self.lesion_gate is not None:
+            gated = self.lesion_gate.apply(tensor, probabilities.cpu().numpy())
+            probabilities = torch.from_numpy(gated).to(probabilities.device)
+        return probabilities
+
+    def _use_resident(self, preprocess: PreprocessConfig) -> bool:
+        """Whether this run takes the device-resident path (see :attr:`SegmentationSettings.resident`)."""
+        choice = self.settings.resident
+        if choice is None:
+            choice = self.device.startswith("cuda")
+        if choice and _has_slice_steps(preprocess):
+            logger.info("per-slice filters run on the host: the device-resident path is not used")
+            return False
+        return bool(choice)
+
+    def _segment_host(
+        self,
+        study: PreparedStudy,
+        planes: Sequence[Plane],
+        plan: FusionPlan,
+        preprocess: PreprocessConfig,
+        cancel: threading.Event | None,
+    ) -> Generator[ProgressEvent, None, tuple[np.ndarray, np.ndarray | None]]:
+        """The host path: batches sliced in numpy, fused in a host accumulator; the fused class index."""
+        import torch
+
+        settings, metadata = self.settings, self._require_model().metadata
+        shape = study.image.shape
+        accumulator = np.zeros((*shape, plan.n_classes if plan.vote else plan.n_classes - 1), dtype=np.uint8)
+        if not plan.vote and plan.quantised_total is None:
+            accumulator = np.zeros((*shape, plan.n_classes - 1), dtype=np.float16)
+        plane_argmax = np.zeros((len(planes), *shape), dtype=np.uint8) if plan.disagreement else None
+        total = sum(shape[p.canonical_array_axis] for p in planes)
+        done_overall = 0
+        for plane_index, plane in enumerate(planes):
+            stack = plane_view(study.image, plane)
+            target = torch.from_numpy(plane_view(accumulator, plane))  # a strided view, no copy
+            count = stack.shape[0]
+            batch_size = _batch_for_area(settings.batch_size, int(np.prod(stack.shape[1:3])), preprocess, study, plane)
+            for start in range(0, count, batch_size):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("segmentation cancelled")
+                indices = np.arange(start, min(start + batch_size, count))
+                rows = slice(start, start + len(indices))  # a view: no gather/scatter copies
+                probabilities = self._infer_batch(study, stack, indices, plane, preprocess, metadata.context_slices)
+                # (accumulated in torch: vectorised float16 conversion, no temporaries in numpy)
+                accumulate(target, rows, probabilities, plan, plane)
+                if plane_argmax is not None:
+                    plane_view(plane_argmax[plane_index], plane)[rows] = probabilities.argmax(dim=1).numpy()
+                done_overall += len(indices)
+                yield ProgressEvent("plane", plane.value, int(indices[-1]) + 1, count, done_overall / max(total, 1))
+        yield ProgressEvent("fuse", fraction=1.0)
+        del stack, target
+        study.image = np.empty((0, 0, 0), np.float16)  # the slices are done: free them before fusing
+        fused_index, uncertainty = self._fuse(
+            accumulator, plan.fuse_total, plane_argmax, len(planes), plan.entropy, vote=plan.vote
+        )
+        del accumulator
+        return fused_index, uncertainty
+
     def _plane_weights(self, planes: Sequence[Plane]) -> dict[Plane, float]:
         if self.settings.fusion is not FusionMode.WEIGHTED:
             return dict.fromkeys(planes, 1.0)
@@ -308,20 +355,26 @@ class Predictor:
         model_spacing = preprocess.pixel_spacing_mm
         if model_spacing is not None:
             batch = resample_slices(batch, pixel_spacing, (model_spacing, model_spacing), order=1)
-        model = self._require_model()
         tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         if self.device != "cpu" or self.precision == "bf16":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            probabilities = torch.softmax(model.network(tensor), dim=1, dtype=torch.float32)
-            if self.test_time_mirror:
-                probabilities += _mirrored_probabilities(model.network, tensor, plane)
-                probabilities *= 0.5
-        probabilities = probabilities.cpu()
+        probabilities = self._network_probabilities(tensor, plane).cpu()
         if self.lesion_gate is not None:  # zero lesion probability on slices the gate calls lesion-free
             probabilities = torch.from_numpy(self.lesion_gate.apply(tensor, probabilities.numpy()))
         if probabilities.shape[-2:] != (height, width):
             probabilities = torch.from_numpy(resample_back(probabilities.numpy(), (height, width), order=1))
+        return probabilities
+
+    def _network_probabilities(self, tensor, plane: Plane):
+        """Softmax of the network (and of the mirror image, when asked) for a batch on the device."""
+        import torch
+
+        network = self._require_model().network
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            probabilities = torch.softmax(network(tensor), dim=1, dtype=torch.float32)
+            if self.test_time_mirror:
+                probabilities += _mirrored_probabilities(network, tensor, plane)
+                probabilities *= 0.5
         return probabilities
 
     @staticmethod

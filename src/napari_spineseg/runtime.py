@@ -4,12 +4,13 @@ One public place for what inference, training, fine-tuning and the lesion gate s
 :func:`available_devices`, :func:`resolve_device`, :func:`resolve_precision` (``auto`` → bf16 on
 CPUs with native bf16, fp16 on CUDA, else fp32), :func:`training_precision` (the training form,
 where ``off`` means fp32 and fp16 needs CUDA), :func:`autocast` (the mixed-precision context) and
-:func:`seed_everything`.
+:func:`seed_everything`; :func:`resolve_workers` sizes the training data loader to the machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from typing import Any
 
@@ -18,11 +19,13 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
+    "auto_workers",
     "autocast",
     "available_devices",
     "cpu_supports_bf16",
     "resolve_device",
     "resolve_precision",
+    "resolve_workers",
     "seed_everything",
     "training_precision",
 ]
@@ -108,3 +111,34 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def auto_workers(cores: int | None = None, processes: int | None = None) -> int:
+    """Data loader workers for a machine: 0 on ≤ 4 cores (workers cost more than they give:
+    measured on 2 cores, docs/performance.md), else ``min(12, cores - 2)``, shared among the
+    ``processes`` training processes of one machine (``LOCAL_WORLD_SIZE`` under torchrun)."""
+    cores = usable_cores() if cores is None else int(cores)
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    per_process = cores // max(1, processes)
+    return 0 if per_process <= 4 else min(12, per_process - 2)
+
+
+def resolve_workers(workers: int | str | None) -> int:
+    """``auto`` (or None) → :func:`auto_workers`; a count ≥ 0 as given; anything else an InputError."""
+    if workers is None or (isinstance(workers, str) and workers.strip().lower() == "auto"):
+        return auto_workers()
+    try:
+        count = int(workers)
+    except (TypeError, ValueError):
+        raise InputError(f"data loader workers: expected a number or auto, got {workers!r}") from None
+    if count < 0 or isinstance(workers, bool) or (isinstance(workers, float) and workers != count):
+        raise InputError(f"data loader workers: expected a number >= 0 or auto, got {workers!r}")
+    return count

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..runtime import resolve_workers
 
 
 def _load_cases(data: str, datasets: tuple[str, ...]) -> list:
@@ -43,7 +44,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantoms", type=int, default=None, help="synthetic phantoms added to training")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="data loader worker processes, or auto (default): 0 on up to 4 cores, else min(12, cores - 2)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; use 1 on a busy machine)"
     )
@@ -95,7 +100,7 @@ def prepare_run(args: argparse.Namespace):
         **overrides,
         device=args.device,
         mixed_precision=args.precision,
-        num_workers=args.workers,
+        num_workers=resolve_workers(args.workers),  # the stored config records the count used
         num_threads=args.threads,
         seed=args.seed,
         output=output,

@@ -46,7 +46,7 @@ from ..orientation import Plane
 from ..postprocess import default_postprocess
 from ..preprocess import PreprocessConfig
 from ..provenance import json_safe
-from ..runtime import autocast, resolve_device, seed_everything, training_precision
+from ..runtime import autocast, resolve_device, resolve_workers, seed_everything, training_precision
 from ..schema import IGNORE, LabelClass, default_classes
 from .common import SCHEDULES, CsvLog, scheduled_lr
 from .data import TrainingCase
@@ -97,7 +97,7 @@ class TrainConfig:
     grad_clip: float | None = 5.0
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | str = 0  # data loader worker processes; "auto": sized to the machine (runtime.auto_workers)
     num_threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is best on a busy CPU
     planes: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal"])
     crop_size: int | None = 192
@@ -133,6 +133,7 @@ class TrainConfig:
             raise InputError(f"steps must be at least 1, got {self.steps}")
         if self.epochs is not None and int(self.epochs) < 1:
             raise InputError(f"epochs must be at least 1, got {self.epochs}")
+        resolve_workers(self.num_workers)  # a clear error now, not when the loader starts
         if int(self.batch_size) < 1 or int(self.val_every) < 1:
             raise InputError("batch_size and val_every must be at least 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -735,7 +736,7 @@ class TrainingRun:
             self.dataset,
             batch_size=config.batch_size,
             sampler=order[skip:],
-            num_workers=config.num_workers,
+            num_workers=resolve_workers(config.num_workers),
             drop_last=len(order) - skip >= config.batch_size,
             pin_memory=self.device.startswith("cuda"),
         )
