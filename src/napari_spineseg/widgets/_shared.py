@@ -554,6 +554,7 @@ def show_plane(viewer: Any, layer: Any, plane: str, index: int | None = None) ->
     col_right = lps_axis[col_axis][1] > 0  # columns run A→P (+P) or R→L (+L)
     if viewer.dims.ndim == 3:
         viewer.dims.order = (axis, row_axis, col_axis)
+        viewer.dims.axis_labels = [p.value for p in sorted(Plane, key=lambda p: plane_array_axis(geometry, p))]
         camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9: scene
         camera.orientation2d = ("down" if row_down else "up", "right" if col_right else "left")
     if index is not None:

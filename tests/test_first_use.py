@@ -1,0 +1,137 @@
+"""What a new user hit on first use (issue 19): the viewer paths end to end (need a display: xvfb-run).
+
+The fixtures (a tiny untrained U-Net in a temporary model directory, the phantom study, the
+notification recorder) are those of ``test_widgets.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import requires_display
+from napari_spineseg._napari_layers import image_layer_data
+from test_widgets import dirs, dock, errors, notifications, phantom, tiny_model, viewer  # noqa: F401
+
+pytestmark = [pytest.mark.gui, requires_display]
+
+PLUGIN = "napari-spineseg"
+
+
+def save_tiny(name: str, version: str = "1", seed: int = 0) -> str:
+    import torch
+
+    from napari_spineseg.modelfile import ModelMetadata, save_model, user_model_path
+    from napari_spineseg.models import build_model
+
+    torch.manual_seed(seed)
+    net = build_model("unet", in_channels=1, num_classes=5, base=4, depth=2)
+    kwargs = {k: v for k, v in net.arch_kwargs.items() if k not in ("in_channels", "num_classes")}
+    metadata = ModelMetadata(name, "unet", kwargs, preprocess={"pixel_spacing_mm": 4.0}, version=version)
+    save_model(net, metadata, user_model_path(name))
+    return name
+
+
+# 1. DICOM-SEG export from the viewer -----------------------------------------------------------
+def test_open_dicom_folder_segment_export_dicom_seg_reads_back(
+    make_napari_viewer, data_dir: Path, tiny_model, notifications, tmp_path: Path
+) -> None:
+    from napari_spineseg._writer import write_dicom_seg_layer
+    from napari_spineseg.dicomseg import read_dicom_seg
+
+    series = data_dir / "dicom-sagittal-series" / "series"
+    viewer = make_napari_viewer()
+    segment = dock(viewer, "Segment spine")
+    (image,) = viewer.open(str(series), plugin=PLUGIN)
+    assert segment.image_combo.current_layer() == image
+    assert segment.model_combo.set_model("tiny")
+    segment.plane_boxes["coronal"].setChecked(False)  # two planes are enough here
+    segment.run(sync=True)
+    labels = segment.last_layer
+    labels.data_setitem((np.array([30]), np.array([40]), np.array([40])), 1)  # at least one voxel
+    assert labels.metadata["source"] == image.metadata["source"]
+
+    review = dock(viewer, "Review segmentation")
+    review.labels_combo.set_layer(labels)
+    review.export_labels(tmp_path / "seg.dcm", sync=True)
+    assert not errors(notifications), errors(notifications)
+    np.testing.assert_array_equal(read_dicom_seg(review.exported, series).array, labels.data)
+
+    # File > Save layer as DICOM-SEG (napari's writer) takes the same path.
+    data, meta, _ = labels.as_layer_data_tuple()
+    (written,) = write_dicom_seg_layer(str(tmp_path / "file-menu.dcm"), data, meta)
+    np.testing.assert_array_equal(read_dicom_seg(written, series).array, labels.data)
+
+
+# 6. Results named by model; only a result of the same model is replaced ---------------------------
+def test_results_are_named_by_model_and_another_model_never_replaces_them(viewer, dirs) -> None:
+    save_tiny("base", "3")
+    save_tiny("base-ft", "1", seed=1)
+    segment = dock(viewer, "Segment spine")
+    image = viewer.layers[0]
+    segment.segment_with("base", image, sync=True)
+    base = segment.last_layer
+    assert base.name == f"{image.name} segmentation (base v3)"
+    segment.segment_with("base-ft", image, sync=True)
+    tuned = segment.last_layer
+    assert tuned.name == f"{image.name} segmentation (base-ft v1)"
+    assert base in viewer.layers and tuned is not base  # side by side, the untouched base result kept
+    assert base.metadata["spineseg_result"]["model"] == "base"
+    segment.segment_with("base", image, sync=True)  # the same model again: its own result is updated
+    assert segment.last_layer == base and len(viewer.layers) == 3
+
+
+# 5. One-click plane views, plane names on the sliders ---------------------------------------------
+def test_plane_buttons_show_radiological_views_with_named_sliders(viewer) -> None:
+    segment = dock(viewer, "Segment spine")
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    # The phantom is stored PIR: array axis 0 stacks sagittal slices, 1 axial, 2 coronal.
+    segment.view_buttons["axial"].click()
+    assert viewer.dims.order[0] == 1
+    # Array index runs towards posterior downwards (anterior up), towards the right leftwards.
+    assert tuple(camera.orientation2d) == ("down", "left")
+    segment.view_buttons["coronal"].click()
+    assert viewer.dims.order == (2, 1, 0)  # rows superior -> inferior: not rotated by 90 degrees
+    assert tuple(camera.orientation2d) == ("down", "left")
+    segment.view_buttons["sagittal"].click()
+    assert viewer.dims.order == (0, 1, 2)
+    assert tuple(camera.orientation2d) == ("down", "right")  # superior up, anterior left
+    assert tuple(viewer.dims.axis_labels) == ("sagittal", "axial", "coronal")
+
+
+# 7. The image picker follows a newly opened study --------------------------------------------------
+def test_segment_widget_follows_the_study_just_opened(viewer, phantom) -> None:
+    segment = dock(viewer, "Segment spine")
+    first = viewer.layers[0]
+    assert segment.image_combo.current_layer() == first
+    data, kwargs, _ = image_layer_data(phantom.image)
+    second = viewer.add_image(data[:, :, :8], **{**kwargs, "name": "second", "translate": (500.0, 0.0, 0.0)})
+    assert segment.image_combo.current_layer() == second
+    for axis in range(3):  # the slice shown lies inside the new study (not a black canvas)
+        low, high = second.extent.world[:, axis]
+        assert low <= viewer.dims.point[axis] <= high
+    assert tuple(viewer.dims.axis_labels) == ("sagittal", "axial", "coronal")
+
+
+# 10. Overall percentage and time left -------------------------------------------------------------
+def test_segmentation_status_shows_overall_percentage_and_time_left(viewer, tiny_model) -> None:
+    from napari_spineseg.inference import ProgressEvent
+    from napari_spineseg.widgets.segment import overall_progress
+
+    assert overall_progress(0.5, 60.0) == "50 % — about 1 min 00 s left"
+    assert overall_progress(0.9, 9.0) == "90 % — about 1 s left"
+    segment = dock(viewer, "Segment spine")
+    seen: list[str] = []
+    original = segment._on_progress
+
+    def record(event: ProgressEvent) -> None:
+        original(event)
+        seen.append(segment.status.text())
+
+    segment._on_progress = record
+    segment.run(sync=True)
+    planes = [text for text in seen if "slice" in text]
+    assert planes and all("%" in text for text in planes), seen
+    assert segment.model_combo.toolTip() == segment.model_combo.currentText()  # the full name, never cut
