@@ -135,3 +135,66 @@ def test_segmentation_status_shows_overall_percentage_and_time_left(viewer, tiny
     planes = [text for text in seen if "slice" in text]
     assert planes and all("%" in text for text in planes), seen
     assert segment.model_combo.toolTip() == segment.model_combo.currentText()  # the full name, never cut
+
+
+# 3. Only uncertainty maps are ranked, inside the anatomy --------------------------------------------
+def test_next_uncertain_slice_never_ranks_the_mri_and_stays_inside_the_anatomy(
+    viewer, phantom, notifications
+) -> None:
+    from napari_spineseg._napari_layers import GEOMETRY_KEY, labels_layer_data
+
+    review = dock(viewer, "Review segmentation")
+    assert review.uncertainty_combo.count() == 0  # the MRI is not an uncertainty map
+    assert review.next_uncertain_slice() is None
+    assert any("No uncertainty map" in e for e in errors(notifications))
+
+    data, kwargs, _ = labels_layer_data(phantom.labels, name="segmentation")
+    labels = viewer.add_labels(data, **kwargs)
+    review.labels_combo.set_layer(labels)
+    uncertainty = np.zeros(data.shape, np.float32)
+    uncertainty[0] = 1.0  # sagittal slice 0: background at the edge of the field of view
+    inside = np.flatnonzero((data > 0).any(axis=(1, 2)))
+    uncertainty[inside[len(inside) // 2]] = np.where(data[inside[len(inside) // 2]] > 0, 0.6, 0.0)
+    meta = {GEOMETRY_KEY: labels.metadata[GEOMETRY_KEY], "spineseg_result": {"kind": "uncertainty"}}
+    image = viewer.add_image(uncertainty, name="map", scale=labels.scale, translate=labels.translate, metadata=meta)
+    review.uncertainty_combo.set_layer(image)
+    review.plane_combo.setCurrentText("sagittal")
+    assert review.next_uncertain_slice() == inside[len(inside) // 2]
+    assert "inside segmentation" in review.uncertainty_label.text()
+
+
+# 4. A model with no lesion class ----------------------------------------------------------------
+def test_review_says_a_model_without_lesion_class_cannot_detect_lesions(viewer, phantom) -> None:
+    from napari_spineseg._napari_layers import labels_layer_data
+    from napari_spineseg.schema import DEFAULT_CLASSES
+
+    no_lesion = phantom.labels.with_array(np.where(phantom.labels.array == 4, 1, phantom.labels.array))
+    data, kwargs, _ = labels_layer_data(no_lesion, [c for c in DEFAULT_CLASSES if c.value != 4], name="no")
+    labels = viewer.add_labels(data, **kwargs)
+    review = dock(viewer, "Review segmentation")
+    review.labels_combo.set_layer(labels)
+    review.refresh(sync=True)
+    assert "cannot detect lesions" in review.lesion_label.text()
+    assert "No lesion detected" not in review.lesion_label.text()
+
+
+# 8. Compare keeps the truth's own names ----------------------------------------------------------
+def test_compare_names_an_instance_truth_by_its_own_values(viewer, phantom) -> None:
+    from napari_spineseg._napari_layers import labels_layer_data
+    from napari_spineseg.volume import Volume
+
+    data, kwargs, _ = labels_layer_data(phantom.labels, name="model")
+    model = viewer.add_labels(data, **kwargs)
+    instances = np.zeros_like(data)
+    instances[data == 1] = 3  # an instance map: value 3 is one vertebra, not "spinal canal"
+    truth_volume = Volume(instances, phantom.labels.geometry, name="truth")
+    tdata, tkwargs, _ = labels_layer_data(truth_volume, None, name="truth")
+    truth = viewer.add_labels(tdata, **tkwargs)
+    review = dock(viewer, "Review segmentation")
+    review.model_combo.set_layer(model)
+    review.truth_combo.set_layer(truth)
+    review.compare(sync=True)
+    names = [m.name for m in review.comparison]
+    assert "label 3" in names and "spinal canal" not in names, names
+    assert "merge" in review.compare_note.text()
+    assert review.compare_table.horizontalHeader().stretchLastSection()  # the last column is never cut
