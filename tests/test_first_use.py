@@ -50,6 +50,9 @@ def test_open_dicom_folder_segment_export_dicom_seg_reads_back(
     segment.plane_boxes["coronal"].setChecked(False)  # two planes are enough here
     segment.run(sync=True)
     labels = segment.last_layer
+    # 7. A brain EPI segmented as a spine is flagged, in the status and as a notification.
+    assert "Check this result" in segment.status.text() and "not the spine" in segment.status.text()
+    assert any("not the spine" in str(n.message) for n in notifications)
     labels.data_setitem((np.array([30]), np.array([40]), np.array([40])), 1)  # at least one voxel
     assert labels.metadata["source"] == image.metadata["source"]
 

@@ -17,7 +17,7 @@ import numpy as np
 from .review import LabelReview
 from .schema import INTERVERTEBRAL_DISC, VERTEBRAL_BODY
 
-__all__ = ["BODY_VOLUME_ML", "DISC_VOLUME_ML", "body_part_of", "plausibility_warnings"]
+__all__ = ["BODY_VOLUME_ML", "DISC_VOLUME_ML", "body_part_of", "plausibility_warnings", "segmentation_warnings"]
 
 #: Median volume (mL) of the vertebral bodies found outside which a result is implausible
 #: (adult cervical bodies ~3-8 mL, lumbar ~25-45 mL: a wide margin either side).
@@ -54,7 +54,7 @@ def body_part_of(metadata: Mapping[str, Any] | None) -> str | None:
     """The DICOM body part recorded in a study's (or layer's) metadata, if any."""
     dicom = (metadata or {}).get("dicom")
     part = dicom.get("body_part") if isinstance(dicom, Mapping) else None
-    return str(part).strip() or None if part else None
+    return (str(part).strip() or None) if part else None
 
 
 def _is_spine_part(part: str) -> bool:
@@ -86,3 +86,16 @@ def plausibility_warnings(review: LabelReview, body_part: str | None = None) -> 
                 "check the study and its voxel spacing"
             )
     return warnings
+
+
+def segmentation_warnings(labels: Any, study: Any = None, classes: Any = None) -> list[str]:
+    """:func:`plausibility_warnings` of a label :class:`~napari_spineseg.volume.Volume` made on ``study``.
+
+    ``classes`` are the model's (the schema's when ``None``); the body part comes from the
+    study's DICOM metadata when it has any.
+    """
+    from .review import review_labels
+    from .schema import DEFAULT_CLASSES
+
+    review = review_labels(labels.array, labels.geometry, list(classes) if classes else DEFAULT_CLASSES)
+    return plausibility_warnings(review, body_part_of(getattr(study, "metadata", None)))
