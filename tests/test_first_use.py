@@ -201,3 +201,41 @@ def test_compare_names_an_instance_truth_by_its_own_values(viewer, phantom) -> N
     assert "label 3" in names and "spinal canal" not in names, names
     assert "merge" in review.compare_note.text()
     assert review.compare_table.horizontalHeader().stretchLastSection()  # the last column is never cut
+
+
+# 2. Fine-tuning: progress in every phase, the controls that matter in view, a notification at the end -----
+def test_finetune_shows_every_phase_keeps_controls_in_view_and_notifies(viewer, tiny_model, notifications) -> None:
+    segment = dock(viewer, "Segment spine")
+    segment.run(sync=True)
+    labels, image = segment.last_layer, viewer.layers[0]
+    labels.data_setitem(np.nonzero(np.pad(np.ones((3, 8, 8), bool), ((6, 7), (28, 28), (28, 28)))), 5)
+    finetune = dock(viewer, "Fine-tune model")
+    finetune.add_pair(image, labels)
+    finetune.steps_box.setValue(3)
+    seen: list[str] = []
+    original = finetune._on_event
+
+    def record(event) -> None:
+        original(event)
+        seen.append(finetune.status.text())
+
+    finetune._on_event = record
+    finetune.start(sync=True)
+    assert not errors(notifications), errors(notifications)
+    assert any(text.startswith("training: step") for text in seen), seen
+    assert any("measuring" in text and "%" in text for text in seen), seen
+    assert any("Fine-tuning finished" in str(n.message) for n in notifications)
+
+    layout = finetune.chart.parentWidget().layout()
+
+    def top(widget) -> int:  # the row of the dock's layout holding ``widget``
+        for row in range(layout.count()):
+            item = layout.itemAt(row)
+            if item.widget() is widget or (item.layout() is not None and item.layout().indexOf(widget) >= 0):
+                return row
+        raise AssertionError(f"{widget} is not in the dock's layout")
+
+    # Status, name and Save come right after Start, before the chart and the table.
+    assert top(finetune.start_button) < top(finetune.status) < top(finetune.save_button) < top(finetune.chart)
+    assert top(finetune.save_button) < top(finetune.metrics_table)
+    assert finetune.forgetting_box.isChecked()  # and it can be switched off for a faster run

@@ -197,6 +197,7 @@ class FinetuneConfig:
     reference_from_base: int = 2  # without reference_cases: replay up to N recorded base cases
     fixed_validation_limit: int = 4  # cases taken from the base's validation set (first round)
     replace_fixed_validation: bool = False  # allow a different fixed set than the base's
+    measure_forgetting: bool = True  # measure the fixed set (False: faster, forgetting is not measured)
     eval_batch_size: int = 16
     num_workers: int = 0
     num_threads: int | None = None  # torch CPU threads (None: torch's default; 1 is best on a busy CPU)
@@ -767,11 +768,12 @@ def _evaluate(
     settings,
     cancel: threading.Event | None = None,
     keep_predictions: bool = False,
-) -> tuple[dict[str, float], dict[str, dict[str, float]], list[np.ndarray]]:
+) -> Generator[float, None, tuple[dict[str, float], dict[str, dict[str, float]], list[np.ndarray]]]:
     """(mean Dice per class name, per-case Dice, predictions) of ``network`` on whole ``cases``.
 
-    Dice is computed over each case's truth region for its known classes; a class absent from
-    both the truth and the prediction in that region is not scored.
+    A generator: yields the number of cases done so far (fractional within a case, for progress)
+    and returns the figures.  Dice is computed over each case's truth region for its known
+    classes; a class absent from both the truth and the prediction in that region is not scored.
     """
     from ..inference import Predictor
     from ..metrics import dice_score
@@ -782,10 +784,18 @@ def _evaluate(
     predictions: list[np.ndarray] = []
     try:
         predictor.load(LoadedModel(network, metadata, None))
-        for case in cases:
+        for number, case in enumerate(cases):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("fine-tuning cancelled")
-            pred = predictor.predict(case.image, cancel).labels.array
+            run = predictor.run(case.image, cancel)
+            while True:
+                try:
+                    event = next(run)
+                except StopIteration as stop:
+                    pred = stop.value.labels.array
+                    break
+                yield number + float(getattr(event, "fraction", 0.0) or 0.0)
+            yield float(number + 1)
             if keep_predictions:
                 predictions.append(pred)
             region = case.truth != IGNORE
@@ -803,6 +813,76 @@ def _evaluate(
         values = [s[label] for s in per_case.values() if label in s]
         means[label] = round(float(np.mean(values)), 5)
     return means, per_case, predictions
+
+
+def _reporting(
+    evaluation: Generator[float, None, Any], what: str, offset: int, count: int, total: int, step: int
+) -> Generator[TrainEvent, None, Any]:
+    """:func:`_evaluate`'s progress as status events ("<what>: 45 %, study 2 of 5"); returns its result."""
+    shown = -1
+    while True:
+        try:
+            done = next(evaluation)
+        except StopIteration as stop:
+            return stop.value
+        percent = int(100 * (offset + done) / max(count, 1))
+        if percent >= shown + 5 or (percent == 100 and shown != 100):
+            shown = percent
+            study = min(offset + int(done) + 1, count)
+            yield _status(f"{what}: {percent} % (study {study} of {count})", total, step)
+
+
+def fixed_cache_path() -> Path:
+    """Where the base models' fixed-set figures are cached (keyed by the model's tensor digest)."""
+    from ..modelfile import user_model_dir
+
+    return user_model_dir() / "cache" / "fixed-validation.json"
+
+
+def _fixed_cache_key(digest: str, cases: Sequence[_EvalCase], names: Mapping[int, str], settings: Any) -> str:
+    known = {int(v) for c in cases for v in c.known}
+    record = {
+        "digest": digest,
+        "cases": [[c.name, sorted(int(v) for v in c.known), list(c.image.shape)] for c in cases],
+        "names": {str(k): v for k, v in sorted(names.items()) if int(k) in known},
+        "planes": [str(getattr(p, "value", p)) for p in settings.planes],
+        "postprocess": bool(settings.postprocess),
+        "device": str(settings.device),
+        "precision": str(settings.precision),
+    }
+    return hashlib.sha256(repr(sorted(record.items())).encode()).hexdigest()
+
+
+def _read_fixed_cache(key: str) -> tuple[dict[str, float], dict[str, dict[str, float]]] | None:
+    import json
+
+    try:
+        entry = json.loads(fixed_cache_path().read_text(encoding="utf-8")).get(key)
+        return (dict(entry["means"]), dict(entry["cases"])) if entry else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_fixed_cache(key: str, means: Mapping[str, float], cases: Mapping[str, Any]) -> None:
+    """Remember a base model's fixed-set figures (atomic write; at most 50 entries; failures only logged)."""
+    import json
+    import os
+
+    path = fixed_cache_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = {"means": dict(means), "cases": dict(cases), "saved": _dt.datetime.now().isoformat()}
+    data = dict(list(data.items())[-50:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".json.part")
+        temp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as error:
+        logger.warning("cannot cache the fixed-set figures in %s: %s", path, error)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1412,10 +1492,32 @@ def finetune(
         known = pair.known_classes if pair.known_classes is not None else model_values - {0}
         correction_eval.append(_EvalCase(name, pair.image, target.labels, {int(v) for v in known} - {0}))
 
-    def evaluate(network, model_classes, keep: bool = False):
+    if not config.measure_forgetting and fixed_eval:
+        warnings.append("forgetting is not measured: the fixed validation set was skipped")
+        fixed_eval = []
+
+    def evaluate(network, model_classes, what: str, step: int = 0, keep: bool = False, cache: str | None = None):
+        """Generator: status events with the progress, then returns (record, predictions)."""
         meta = eval_metadata(network, model_classes)
-        fixed_means, fixed_cases, _ = _evaluate(network, meta, fixed_eval, class_names, settings, cancel)
-        corr_means, corr_cases, preds = _evaluate(network, meta, correction_eval, class_names, settings, cancel, keep)
+        count = len(fixed_eval) + len(correction_eval)
+        cached = _read_fixed_cache(cache) if cache and fixed_eval else None
+        if cached is not None:
+            fixed_means, fixed_cases = cached
+            yield _status(f"{what}: fixed-set figures of this model reused (cached)", total, step)
+        else:
+            fixed_means, fixed_cases, _ = yield from _reporting(
+                _evaluate(network, meta, fixed_eval, class_names, settings, cancel), what, 0, count, total, step
+            )
+            if cache and fixed_eval:
+                _write_fixed_cache(cache, fixed_means, fixed_cases)
+        corr_means, corr_cases, preds = yield from _reporting(
+            _evaluate(network, meta, correction_eval, class_names, settings, cancel, keep),
+            what,
+            len(fixed_eval),
+            count,
+            total,
+            step,
+        )
         record = {
             "fixed_validation": fixed_means,
             "corrections": corr_means,
@@ -1443,8 +1545,11 @@ def finetune(
     # Before ------------------------------------------------------------------------------------
     before: dict[str, Any] = {}
     yield _status(f"measuring the base model on {len(fixed_eval)} fixed and {len(pairs)} corrected studies", total)
+    cache_key = _fixed_cache_key(base_digest, fixed_eval, class_names, settings)
     try:
-        before, base_predictions = evaluate(base_network, list(base_meta.classes), keep=True)
+        before, base_predictions = yield from evaluate(
+            base_network, list(base_meta.classes), "measuring the base model", keep=True, cache=cache_key
+        )
     except Cancelled:
         return cancelled_result(base_network, 0, [])
     if cancel is not None and cancel.is_set():
@@ -1574,8 +1679,9 @@ def finetune(
     try:
         for event in events:
             if event.kind == "validation":
+                measuring = time.perf_counter()
                 try:
-                    record, _ = evaluate(network, classes)
+                    record, _ = yield from evaluate(network, classes, f"measuring step {event.step}", event.step)
                 except Cancelled:
                     continue  # the loop stops at its next step
                 last_eval = (event.step, record)
@@ -1595,7 +1701,10 @@ def finetune(
                     }
                 )
                 yield dataclasses.replace(
-                    event, val_dice=flat, val_mean=float(np.mean(list(flat.values()))) if flat else None
+                    event,
+                    val_dice=flat,
+                    val_mean=float(np.mean(list(flat.values()))) if flat else None,
+                    message=f"step {event.step}: measured in {time.perf_counter() - measuring:.1f} s",
                 )
             elif event.kind == "done":
                 outcome = event.result
@@ -1653,7 +1762,7 @@ def finetune(
     else:
         yield _status("measuring the fine-tuned model", total, outcome.steps)
         try:
-            after, _ = evaluate(result_network, classes)
+            after, _ = yield from evaluate(result_network, classes, "measuring the fine-tuned model", outcome.steps)
         except Cancelled:
             return cancelled_result(base_network, outcome.steps, history)
 
