@@ -680,7 +680,9 @@ def test_measuring_reports_progress_reuses_the_base_figures_and_can_be_skipped(
     pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), name="s5")
 
     def run(**options):
-        events = finetune(base_path, [pair], fast_config(steps=2, val_every=2, **options), fixed_validation=[fixed_case])
+        events = finetune(
+            base_path, [pair], fast_config(steps=2, val_every=2, **options), fixed_validation=[fixed_case]
+        )
         messages = []
         while True:
             try:

@@ -1,7 +1,7 @@
 """What a new user hit on first use (issue 19): the viewer paths end to end (need a display: xvfb-run).
 
 The fixtures (a tiny untrained U-Net in a temporary model directory, the phantom study, the
-notification recorder) are those of ``test_widgets.py``.
+notification recorder) are as in ``test_widgets.py``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,47 @@ import pytest
 
 from conftest import requires_display
 from napari_spineseg._napari_layers import image_layer_data
-from test_widgets import dirs, dock, errors, notifications, phantom, tiny_model, viewer  # noqa: F401
+from napari_spineseg.phantom import make_phantom
+from test_widgets import dock, errors
 
 pytestmark = [pytest.mark.gui, requires_display]
 
 PLUGIN = "napari-spineseg"
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(size=(64, 64, 16), spacing=(3.5, 3.5, 8.0), lesions=1, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def dirs(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("SPINESEG_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("SPINESEG_CONFIG_DIR", str(tmp_path / "config"))
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def tiny_model(dirs: Path) -> str:
+    return save_tiny("tiny")
+
+
+@pytest.fixture
+def notifications():
+    from napari.utils.notifications import notification_manager
+
+    received: list = []
+    notification_manager.notification_ready.connect(received.append)
+    yield received
+    notification_manager.notification_ready.disconnect(received.append)
+
+
+@pytest.fixture
+def viewer(make_napari_viewer, phantom):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = image_layer_data(phantom.image)
+    viewer.add_image(data, **kwargs)
+    return viewer
 
 
 def save_tiny(name: str, version: str = "1", seed: int = 0) -> str:
@@ -50,9 +86,6 @@ def test_open_dicom_folder_segment_export_dicom_seg_reads_back(
     segment.plane_boxes["coronal"].setChecked(False)  # two planes are enough here
     segment.run(sync=True)
     labels = segment.last_layer
-    # 7. A brain EPI segmented as a spine is flagged, in the status and as a notification.
-    assert "Check this result" in segment.status.text() and "not the spine" in segment.status.text()
-    assert any("not the spine" in str(n.message) for n in notifications)
     labels.data_setitem((np.array([30]), np.array([40]), np.array([40])), 1)  # at least one voxel
     assert labels.metadata["source"] == image.metadata["source"]
 
@@ -66,6 +99,10 @@ def test_open_dicom_folder_segment_export_dicom_seg_reads_back(
     data, meta, _ = labels.as_layer_data_tuple()
     (written,) = write_dicom_seg_layer(str(tmp_path / "file-menu.dcm"), data, meta)
     np.testing.assert_array_equal(read_dicom_seg(written, series).array, labels.data)
+
+    # 7. A brain EPI segmented as a spine is flagged, in the status and as a notification.
+    assert "Check this result" in segment.status.text() and "not the spine" in segment.status.text()
+    assert any("not the spine" in str(n.message) for n in notifications)
 
 
 # 6. Results named by model; only a result of the same model is replaced ---------------------------
@@ -141,9 +178,7 @@ def test_segmentation_status_shows_overall_percentage_and_time_left(viewer, tiny
 
 
 # 3. Only uncertainty maps are ranked, inside the anatomy --------------------------------------------
-def test_next_uncertain_slice_never_ranks_the_mri_and_stays_inside_the_anatomy(
-    viewer, phantom, notifications
-) -> None:
+def test_next_uncertain_slice_never_ranks_the_mri_and_stays_inside_the_anatomy(viewer, phantom, notifications) -> None:
     from napari_spineseg._napari_layers import GEOMETRY_KEY, labels_layer_data
 
     review = dock(viewer, "Review segmentation")

@@ -256,5 +256,5 @@ def test_merge_instance_labels_and_say_what_was_evaluated(tmp_path, capsys) -> N
     record = json.loads(capsys.readouterr().out)
     assert [c["dice"] for c in record["classes"]] == [1.0]
     assert record["evaluated"].startswith("labelled span of the truth only: slices 4-25 of 30")
-    assert main(args[:-1] + ["--merge", "1-3=1"]) == 0
+    assert main([*args[:-1], "--merge", "1-3=1"]) == 0
     assert capsys.readouterr().out.startswith("evaluated: labelled span")

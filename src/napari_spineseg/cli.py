@@ -160,8 +160,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .dicomseg import require_dicom_source, write_dicom_seg
     from .inference import Predictor, SegmentationSettings
     from .io import read_volumes, write_labels, write_volume
-    from .plausibility import segmentation_warnings
     from .orientation import Plane
+    from .plausibility import segmentation_warnings
 
     settings = SegmentationSettings(
         planes=Plane.parse(args.planes),

@@ -502,7 +502,9 @@ def parse_merge(specs: str | Sequence[str]) -> dict[int, int]:
                 if not values or new < 0 or min(values) < 0:
                     raise ValueError(part)
             except ValueError:
-                raise InputError(f"--merge wants FROM=TO with FROM like 1-7 or 1,3,5 (e.g. 1-7=1), got {part!r}") from None
+                raise InputError(
+                    f"--merge wants FROM=TO with FROM like 1-7 or 1,3,5 (e.g. 1-7=1), got {part!r}"
+                ) from None
             mapping.update(dict.fromkeys(values, new))
     return mapping
 

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from ..orientation import Plane
-
 from ..errors import SpinesegError
+from ..orientation import Plane
 from ..volume import Volume
 from ._layers import add_in_turns, prepare_layers, replace_in_turns
 from ._shared import (
@@ -187,11 +186,8 @@ class SegmentWidget(QWidget):
         self.image_combo = LayerCombo(napari_viewer, "image", self, studies_only=True)
         self.model_combo = ModelCombo(self)
         self.model_combo.currentIndexChanged.connect(self._show_model_legend)
-        for combo in (self.image_combo, self.model_combo):  # long names: elided, in full as a tooltip
-            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            combo.setMinimumContentsLength(12)
-            combo.currentIndexChanged.connect(partial(_full_text_tooltip, combo))
-            _full_text_tooltip(combo)
+        for combo in (self.image_combo, self.model_combo):  # long names are elided: in full as a tooltip
+            combo.setToolTip(combo.currentText())
         napari_viewer.layers.events.inserted.connect(self._follow_new_study)
         self.destroyed.connect(lambda *_: napari_viewer.layers.events.inserted.disconnect(self._follow_new_study))
         self.view_buttons = {name: QPushButton(name.capitalize(), self) for name in PLANE_NAMES}
@@ -500,10 +496,6 @@ def plane_labels(layer: Any) -> list[str] | None:
         return [p.value for p in sorted(Plane, key=lambda p: plane_array_axis(geometry, p))]
     except (SpinesegError, ValueError, KeyError):
         return None
-
-
-def _full_text_tooltip(combo: QComboBox, *_: Any) -> None:
-    combo.setToolTip(combo.currentText())
 
 
 def overall_progress(fraction: float, elapsed_s: float) -> str:
