@@ -144,6 +144,8 @@ def test_plausibility_warns_for_a_brain_and_is_quiet_for_a_spine() -> None:
     warnings = plausibility_warnings(review_labels(brain_volume.array, brain_volume.geometry), "BRAIN")
     assert len(warnings) == 2
     assert "'BRAIN', not the spine" in warnings[0] and "no vertebral body was found" in warnings[1]
+    canal_model = plausibility_warnings(review_labels(brain_volume.array, brain_volume.geometry), None, False)
+    assert canal_model == []  # a model with no vertebral body class is not asked for bodies
     huge = Volume.from_array(tall_spine()[:48], spacing=(20.0, 20.0, 20.0), direction=LPS)  # wrong spacing
     assert any("far outside" in w for w in plausibility_warnings(review_labels(huge.array, huge.geometry)))
     assert body_part_of({"dicom": {"body_part": "BRAIN"}}) == "BRAIN" and body_part_of({}) is None

@@ -62,15 +62,18 @@ def _is_spine_part(part: str) -> bool:
     return any(name in compact for name in SPINE_BODY_PARTS)
 
 
-def plausibility_warnings(review: LabelReview, body_part: str | None = None) -> list[str]:
-    """One-line warnings when ``review`` does not look like a spine segmentation (empty when fine)."""
+def plausibility_warnings(review: LabelReview, body_part: str | None = None, expects_bodies: bool = True) -> list[str]:
+    """One-line warnings when ``review`` does not look like a spine segmentation (empty when fine).
+
+    ``expects_bodies=False`` (a model with no vertebral body class) skips the vertebral body checks.
+    """
     warnings: list[str] = []
     if body_part and not _is_spine_part(body_part):
         warnings.append(f"the study's DICOM body part is {body_part!r}, not the spine: check that this is a spine MRI")
     present = {c.value for c in review.classes}
     bodies = [s.volume_ml for s in review.levels if s.value == VERTEBRAL_BODY]
     discs = [s.volume_ml for s in review.levels if s.value == INTERVERTEBRAL_DISC]
-    if not bodies:
+    if not bodies and expects_bodies:
         found = ", ".join(f"{c.name} {c.volume_ml:.1f} mL" for c in review.classes) or "nothing"
         warnings.append(f"no vertebral body was found ({found}): the result is not a spine segmentation")
         return warnings
@@ -97,5 +100,7 @@ def segmentation_warnings(labels: Any, study: Any = None, classes: Any = None) -
     from .review import review_labels
     from .schema import DEFAULT_CLASSES
 
-    review = review_labels(labels.array, labels.geometry, list(classes) if classes else DEFAULT_CLASSES)
-    return plausibility_warnings(review, body_part_of(getattr(study, "metadata", None)))
+    classes = list(classes) if classes else list(DEFAULT_CLASSES)
+    review = review_labels(labels.array, labels.geometry, classes)
+    expects = any(c.value == VERTEBRAL_BODY for c in classes)
+    return plausibility_warnings(review, body_part_of(getattr(study, "metadata", None)), expects)

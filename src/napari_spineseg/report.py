@@ -215,7 +215,9 @@ def build_report(
 
         warning_rows += [
             {"source": "segmentation", "code": "plausibility", "message": message}
-            for message in plausibility_warnings(review, body_part_of(study.metadata))
+            for message in plausibility_warnings(
+                review, body_part_of(study.metadata), any(c.value == VERTEBRAL_BODY for c in classes)
+            )
         ]
     model = _model_info(model_metadata)
     if model_metadata is not None:

@@ -80,7 +80,7 @@ def segment_job(
     from ..inference import Predictor, ProgressEvent, SegmentationSettings
     from ..plausibility import body_part_of, plausibility_warnings
     from ..review import review_labels
-    from ..schema import class_for_value, color_dict, extend_classes
+    from ..schema import VERTEBRAL_BODY, class_for_value, color_dict, extend_classes
     from ._finetune_job import label_values
     from ._layers import build_layer
 
@@ -125,7 +125,8 @@ def segment_job(
     if uncertainty is not None:
         layers["uncertainty"] = build_layer(*uncertainty)
     review = review_labels(result.labels.array, result.labels.geometry, classes)
-    implausible = plausibility_warnings(review, body_part_of(source))
+    expects_bodies = any(c.value == VERTEBRAL_BODY for c in loaded.metadata.classes)
+    implausible = plausibility_warnings(review, body_part_of(source), expects_bodies)
     return _Output(result, classes, labels, uncertainty, layers, version, implausible)
 
 
