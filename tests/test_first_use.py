@@ -235,7 +235,12 @@ def test_compare_names_an_instance_truth_by_its_own_values(viewer, phantom) -> N
     names = [m.name for m in review.comparison]
     assert "label 3" in names and "spinal canal" not in names, names
     assert "merge" in review.compare_note.text()
-    assert review.compare_table.horizontalHeader().stretchLastSection()  # the last column is never cut
+    # Every number column stays in view: the name column gives way (elided, full name as tooltip).
+    from qtpy.QtWidgets import QHeaderView
+
+    header = review.compare_table.horizontalHeader()
+    assert header.sectionResizeMode(0) == QHeaderView.ResizeMode.Stretch
+    assert review.compare_table.item(0, 0).toolTip() == review.compare_table.item(0, 0).text()
 
 
 # 2. Fine-tuning: progress in every phase, the controls that matter in view, a notification at the end -----

@@ -69,6 +69,20 @@ def _table(parent: QWidget) -> QTableWidget:
     return table
 
 
+def _fit_width(table: QTableWidget) -> None:
+    """Keep every number column in view: the first (name) column takes what is left, elided.
+
+    The full name is the cell's tooltip.
+    """
+    from qtpy.QtWidgets import QHeaderView
+
+    table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+    for row in range(table.rowCount()):
+        item = table.item(row, 0)
+        if item is not None:
+            item.setToolTip(item.text())
+
+
 def is_uncertainty_map(layer: Any) -> bool:
     """An uncertainty map made by Segment spine (or one opened from a file named so); never a study."""
     kind = ((getattr(layer, "metadata", None) or {}).get(RESULT_KEY) or {}).get("kind")
@@ -220,8 +234,9 @@ class ReviewWidget(QWidget):
         self.review = review = outcome.value
         rows = [[c.name, c.value, c.volume_ml, c.components] for c in review.classes]
         fill_table(self.class_table, ["class", "value", "mL", "parts"], rows)
-        rows = [[s.name, s.volume_ml, s.height_mm, s.note] for s in review.levels]
-        fill_table(self.level_table, ["structure", "volume mL", "height mm", "note"], rows)
+        noted = any(s.note for s in review.levels)  # the "note" column only when there is one (narrow docks)
+        rows = [[s.name, s.volume_ml, s.height_mm, *([s.note] if noted else [])] for s in review.levels]
+        fill_table(self.level_table, ["structure", "volume mL", "height mm", *(["note"] if noted else [])], rows)
         names = {c.value: c.name for c in review.classes}
         lines = [f"<b>{review.lesion_message()}</b>"]
         others = [c for c in review.classes if c.value > 4]
@@ -269,7 +284,8 @@ class ReviewWidget(QWidget):
             return
         self.comparison = outcome.value or []
         rows = [[m.name, m.dice, m.hd95_mm, m.volume_pred_ml, m.volume_truth_ml] for m in self.comparison]
-        fill_table(self.compare_table, ["class", "Dice", "HD95 mm", "mL model", "mL corr."], rows)
+        fill_table(self.compare_table, ["class", "Dice", "HD95\nmm", "mL\nmodel", "mL\ncorr."], rows)
+        _fit_width(self.compare_table)
 
     # Uncertainty navigation --------------------------------------------------------------------
     def next_uncertain_slice(self) -> int | None:
