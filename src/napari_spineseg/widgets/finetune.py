@@ -102,10 +102,10 @@ class FinetuneWidget(QWidget):
         self.class_table.setFixedHeight(40)
         self.changed_only_box = QCheckBox("learn only from the slices I changed", self)
         self.changed_only_box.setChecked(True)
-        self.forgetting_box = QCheckBox("check for forgetting on the fixed validation set (slower)", self)
+        self.forgetting_box = QCheckBox("check for forgetting (slower)", self)
         self.forgetting_box.setChecked(True)
         self.forgetting_box.setToolTip(
-            "Measures the model before and after on a few recorded validation studies, so a model that "
+            "Measures the model before and after on its fixed validation set (a few recorded studies), so a model that "
             "forgot what it knew is caught. The base model's figures are remembered: only the first run "
             "with a base model pays for them."
         )
@@ -368,7 +368,7 @@ class FinetuneWidget(QWidget):
         self.saved_model = name
         self.resegment_button.setEnabled(True)
         self.status.setText(f"Saved as {name} ({path}).")
-        notify_info(f"Model {name!r} saved to {path}")
+        notify_info(f"Saved model {name!r}")  # the path is in the status line (a toast is cut short)
         models_changed.emit(name)
         return name
 

@@ -74,13 +74,20 @@ def _fit_width(table: QTableWidget) -> None:
 
     The full name is the cell's tooltip.
     """
+    from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QHeaderView
 
+    from ._shared import fit_height
+
+    table.setWordWrap(False)  # a long name is elided, not wrapped (taller rows would need a scrollbar)
+    table.setTextElideMode(Qt.TextElideMode.ElideRight)
     table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
     for row in range(table.rowCount()):
         item = table.item(row, 0)
         if item is not None:
             item.setToolTip(item.text())
+    table.resizeRowsToContents()
+    fit_height(table)
 
 
 def is_uncertainty_map(layer: Any) -> bool:
