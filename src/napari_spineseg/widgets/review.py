@@ -65,7 +65,6 @@ def export_job(array: np.ndarray, geometry: Any, path: str, metadata: dict | Non
 def _table(parent: QWidget) -> QTableWidget:
     table = QTableWidget(parent)
     table.setFixedHeight(40)
-    table.horizontalHeader().setStretchLastSection(True)  # the last column is never cut off
     return table
 
 
@@ -77,8 +76,6 @@ def _fit_width(table: QTableWidget) -> None:
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QHeaderView
 
-    from ._shared import fit_height
-
     table.setWordWrap(False)  # a long name is elided, not wrapped (taller rows would need a scrollbar)
     table.setTextElideMode(Qt.TextElideMode.ElideRight)
     table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
@@ -87,7 +84,9 @@ def _fit_width(table: QTableWidget) -> None:
         if item is not None:
             item.setToolTip(item.text())
     table.resizeRowsToContents()
-    fit_height(table)
+    rows = sum(table.rowHeight(r) for r in range(min(table.rowCount(), 8)))
+    header = max(table.horizontalHeader().height(), table.horizontalHeader().sizeHint().height())  # two-line
+    table.setFixedHeight(header + rows + 2 * table.frameWidth() + table.horizontalScrollBar().sizeHint().height() + 2)
 
 
 def is_uncertainty_map(layer: Any) -> bool:
