@@ -49,6 +49,7 @@ from ._shared import (
     start_job,
     warm_up,
 )
+from .review import fit_width
 
 
 @dataclass
@@ -335,7 +336,9 @@ class FinetuneWidget(QWidget):
             return
         self.result = result = outcome.value
         self._image_layer = run.image_layer
-        fill_table(self.metrics_table, *dice_table(result))
+        headers, rows = dice_table(result)
+        fill_table(self.metrics_table, ["\n".join(h.rsplit(" ", 1)) for h in headers], rows)  # two-line headers
+        fit_width(self.metrics_table)  # every number column in view
         for warning in result.warnings:
             notify_info(f"Fine-tuning: {warning}")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")

@@ -68,7 +68,7 @@ def _table(parent: QWidget) -> QTableWidget:
     return table
 
 
-def _fit_width(table: QTableWidget) -> None:
+def fit_width(table: QTableWidget) -> None:
     """Keep every number column in view: the first (name) column takes what is left, elided.
 
     The full name is the cell's tooltip.
@@ -291,7 +291,7 @@ class ReviewWidget(QWidget):
         self.comparison = outcome.value or []
         rows = [[m.name, m.dice, m.hd95_mm, m.volume_pred_ml, m.volume_truth_ml] for m in self.comparison]
         fill_table(self.compare_table, ["class", "Dice", "HD95\nmm", "mL\nmodel", "mL\ncorr."], rows)
-        _fit_width(self.compare_table)
+        fit_width(self.compare_table)
 
     # Uncertainty navigation --------------------------------------------------------------------
     def next_uncertain_slice(self) -> int | None:
