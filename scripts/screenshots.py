@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     segment.run(sync=True)
     labels = segment.last_layer
     labels.opacity = 0.55
-    uncertainty = viewer.layers[f"{image.name} uncertainty"]
+    uncertainty = [
+        la for la in viewer.layers if (la.metadata.get("spineseg_result") or {}).get("kind") == "uncertainty"
+    ][-1]
     uncertainty.visible = False
     lesion = np.argwhere(truth_array == 4)
     centre = lesion.mean(axis=0) if len(lesion) else np.array(image.data.shape) / 2
@@ -187,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     segment.run(sync=True)
     model_result = segment.last_layer
     model_result.visible = False
-    uncertainty = viewer.layers[f"{image.name} uncertainty"]
+    uncertainty = [
+        la for la in viewer.layers if (la.metadata.get("spineseg_result") or {}).get("kind") == "uncertainty"
+    ][-1]
 
     # 4. Review: numbers per class and level, model vs corrected, the most uncertain axial slice.
     review = shots.dock("Review segmentation")

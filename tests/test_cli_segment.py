@@ -35,11 +35,16 @@ def test_segment_real_study_keeps_geometry_exactly(data_dir: Path, tmp_path: Pat
     assert read_volume(uncertainty).geometry == study.geometry
 
 
-def test_segment_dicom_series_writes_nifti(data_dir: Path, tmp_path: Path, tiny_model_path: Path) -> None:
+def test_segment_dicom_series_writes_nifti(
+    data_dir: Path, tmp_path: Path, tiny_model_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     series = data_dir / "dicom-sagittal-series" / "series"
     assert main(["segment", str(series), "-o", str(tmp_path), "--model", str(tiny_model_path), "-q"]) == 0
     (written,) = list(tmp_path.glob("*_seg.nii.gz"))
     assert read_volume(written).geometry.is_close(read_volume(series).geometry)
+    # A brain EPI is not a spine study: said on stderr (the labels are still written).
+    err = capsys.readouterr().err
+    assert "spineseg: warning:" in err and "'BRAIN', not the spine" in err, err
 
 
 def test_segment_default_output_name_and_planes(data_dir: Path, tmp_path: Path, tiny_model_path: Path) -> None:

@@ -58,6 +58,14 @@ PREPROCESS = PreprocessConfig(pixel_spacing_mm=None)
 
 
 @pytest.fixture(scope="module", autouse=True)
+def _private_model_dir(tmp_path_factory):
+    """The fixed-set cache (and any saved model) goes to a temporary user model directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPINESEG_MODEL_DIR", str(tmp_path_factory.mktemp("user-models")))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -720,3 +728,36 @@ def test_cli_bad_crop_or_seed_is_one_line(files, base_path: Path, tmp_path: Path
     args = ["finetune", "--model", str(base_path), "--image", str(files["image"]), "--labels", str(files["labels"])]
     assert main([*args, *option, "-o", str(tmp_path / "new.safetensors"), "-q"]) == 1
     assert message in _error_line(capsys)
+
+
+def test_measuring_reports_progress_reuses_the_base_figures_and_can_be_skipped(
+    base_path: Path, fixed_case, study
+) -> None:
+    from napari_spineseg.training.finetune import fixed_cache_path
+
+    pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), name="s5")
+
+    def run(**options):
+        events = finetune(
+            base_path, [pair], fast_config(steps=2, val_every=2, **options), fixed_validation=[fixed_case]
+        )
+        messages = []
+        while True:
+            try:
+                messages.append(next(events).message)
+            except StopIteration as stop:
+                return stop.value, [m for m in messages if m]
+
+    first, messages = run()
+    progress = [m for m in messages if m.startswith("measuring the base model: ")]
+    assert progress[-1] == "measuring the base model: 100 % (study 2 of 2)", messages  # fixed + corrected
+    assert any(m.startswith("measuring step 2: ") for m in messages)
+    assert not any("validation took" in m for m in messages)  # the real measurement's time instead
+    assert fixed_cache_path().is_file()
+    second, messages = run()
+    assert "measuring the base model: fixed-set figures of this model reused (cached)" in messages
+    assert second.before["fixed_validation"] == first.before["fixed_validation"]
+    assert second.before["corrections"] == first.before["corrections"]  # the corrections are measured again
+    skipped, _ = run(measure_forgetting=False)
+    assert not skipped.before["fixed_validation"] and skipped.before["corrections"]
+    assert any("forgetting is not measured" in w for w in skipped.warnings)

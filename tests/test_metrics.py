@@ -227,3 +227,34 @@ def test_table_and_summary():
     assert summary["mean"]["asd_mm"] == pytest.approx(metrics[1].asd_mm)  # class 2 infinite: left out
     assert summary["n_infinite_distance"] == 1
     assert isinstance(metrics[0], ClassMetrics) and metrics[0].name == "background"
+
+
+def test_merge_instance_labels_and_say_what_was_evaluated(tmp_path, capsys) -> None:
+    from napari_spineseg.cli import main
+    from napari_spineseg.io import write_labels
+    from napari_spineseg.metrics import merge_labels, parse_merge
+    from napari_spineseg.volume import Volume
+
+    assert parse_merge("1-3=1") == {1: 1, 2: 1, 3: 1}
+    assert parse_merge(["1,5=2", "7=0"]) == {1: 2, 5: 2, 7: 0}
+    with pytest.raises(InputError, match="1-7=1"):
+        parse_merge("1-7")
+    instances = np.zeros((30, 10, 10), np.uint8)
+    for value, start in enumerate((4, 12, 20), start=1):  # one value per vertebra along the S-I axis
+        instances[start : start + 6, 2:8, 2:8] = value
+    np.testing.assert_array_equal(merge_labels(instances, {1: 1, 2: 1, 3: 1}), (instances > 0).astype(np.uint8))
+
+    truth = Volume.from_array(instances, spacing=(1.0, 1.0, 2.0))
+    write_labels(instances, tmp_path / "truth.nii.gz", truth.geometry)
+    write_labels((instances > 0).astype(np.uint8), tmp_path / "pred.nii.gz", truth.geometry)
+    args = ["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "truth.nii.gz"), "--no-surface", "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert record["classes"][0]["dice"] < 0.6 and "--merge 1-7=1" in captured.err  # the hint
+    assert main([*args, "--merge", "1-3=1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [c["dice"] for c in record["classes"]] == [1.0]
+    assert record["evaluated"].startswith("labelled span of the truth only: slices 4-25 of 30")
+    assert main([*args[:-1], "--merge", "1-3=1"]) == 0
+    assert capsys.readouterr().out.startswith("evaluated: labelled span")

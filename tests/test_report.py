@@ -233,3 +233,26 @@ def test_report_imports_without_qt_or_napari() -> None:
         "assert 'matplotlib' not in sys.modules  # imported lazily, only to draw the overlay\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validation_figures_are_a_table_not_a_key_dump(without_lesion: Phantom, default_model) -> None:
+    from napari_spineseg.report import report_to_html
+
+    text = report_to_html(build_report(without_lesion.image, without_lesion.labels, default_model, overlay=False))
+    section = text[text.index("<h3>Validation figures</h3>") : text.index("<h2>Warnings</h2>")]
+    assert "<th>HD95 (mm)</th>" in section and "<td>VB1 vertebral body</td>" in section  # one row per entry
+    assert "<td>mean Dice</td>" in section and "held_out_fused VB1" not in section and "dice 0." not in section
+    assert section.count("<table>") >= 2
+
+
+def test_report_warns_when_the_result_is_not_a_spine(without_lesion: Phantom) -> None:
+    image = without_lesion.image
+    brain = image.with_array(image.array, name="brain")
+    brain.metadata["dicom"] = {"body_part": "BRAIN"}
+    canal_only = np.where(without_lesion.labels.array == 3, 3, 0).astype(np.uint8)
+    report = build_report(brain, without_lesion.labels.with_array(canal_only), overlay=False)
+    messages = [w["message"] for w in report["warnings"] if w["code"] == "plausibility"]
+    assert any("not the spine" in m for m in messages) and any("no vertebral body" in m for m in messages)
+    fine = build_report(image, without_lesion.labels, overlay=False)
+    assert not [w for w in fine["warnings"] if w["code"] == "plausibility"]
+    assert all("note" in level for level in fine["levels"])

@@ -151,38 +151,60 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .errors import InputError
     from .io import read_volume
-    from .metrics import evaluate_volumes, format_table, labelled_span_region, summarise
+    from .metrics import (
+        evaluate_volumes,
+        format_table,
+        labelled_span_region,
+        merge_labels,
+        parse_merge,
+        region_description,
+        summarise,
+    )
     from .orientation import Plane, plane_array_axis
     from .volume import check_same_grid
 
     pred = read_volume(args.pred)
     truth = read_volume(args.truth)
     check_same_grid(pred, truth, what=f"{args.pred} and {args.truth}")
+    if args.merge:
+        truth = truth.with_array(merge_labels(truth.array, parse_merge(args.merge)))
     classes = None
     if args.classes:
         try:
             classes = [int(v) for v in args.classes.split(",") if v.strip()]
         except ValueError:
             raise InputError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
-    region = None
+    region, axis = None, None
     if args.span_axis == "auto":
         axis = plane_array_axis(truth.geometry, Plane.AXIAL)  # the superior-inferior axis
         region = labelled_span_region(truth.array, axis=axis)
         if not region.any():
             region = None  # empty truth: evaluate everywhere
     elif args.span_axis != "none":
-        region = labelled_span_region(truth.array, axis=int(args.span_axis))
+        axis = int(args.span_axis)
+        region = labelled_span_region(truth.array, axis=axis)
     metrics = evaluate_volumes(pred, truth, classes=classes, region=region, surface=not args.no_surface)
+    where = region_description(region, axis, float(np.prod(truth.geometry.spacing)) / 1000.0)
+    extra = sorted(set(np.unique(truth.array).tolist()) - set(np.unique(pred.array).tolist()) - {0})
+    if extra and not args.merge:
+        print(
+            f"spineseg: note: the truth has values {extra} that the prediction never uses; for an instance "
+            "map (one value per vertebra) merge them, e.g. --merge 1-7=1",
+            file=sys.stderr,
+        )
     if args.json:
         record = {
             "prediction": str(args.pred),
             "truth": str(args.truth),
             "region": "full" if region is None else f"labelled span ({int(np.count_nonzero(region))} voxels)",
+            "evaluated": where,
+            "merge": args.merge or None,
             "classes": [m.to_dict() for m in metrics],
             "summary": summarise(metrics),
         }
         print(json.dumps(record, indent=2))
     else:
+        print(f"evaluated: {where}")
         print(format_table(metrics))
     return 0
 
@@ -205,6 +227,12 @@ def _add_training_commands(commands) -> None:
         help="restrict to the labelled span: auto (superior-inferior), none, or an array axis 0/1/2",
     )
     evaluate.add_argument("--no-surface", action="store_true", help="skip surface distances (faster)")
+    evaluate.add_argument(
+        "--merge",
+        action="append",
+        metavar="FROM=TO",
+        help="merge truth values first, e.g. 1-7=1 for an instance map with one value per vertebra (repeatable)",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
 

@@ -480,3 +480,52 @@ def summarise(metrics: Sequence[ClassMetrics]) -> dict:
         "n_infinite_distance": sum(1 for m in used if any(math.isinf(getattr(m, f)) for f in _DISTANCE_FIELDS)),
         "n_empty_both": sum(1 for m in used if m.empty_both),
     }
+
+
+def parse_merge(specs: str | Sequence[str]) -> dict[int, int]:
+    """``"1-7=1"`` (or ``"1,3,5=1"``; several separated by ``;`` or given as a list) → value map.
+
+    For instance label maps (one value per vertebra): ``--merge 1-7=1`` makes them one class.
+    """
+    mapping: dict[int, int] = {}
+    for spec in [specs] if isinstance(specs, str) else list(specs):
+        for part in filter(None, (p.strip() for p in spec.split(";"))):
+            sources, sep, target = part.partition("=")
+            try:
+                if not sep:
+                    raise ValueError(part)
+                values: list[int] = []
+                for item in filter(None, (s.strip() for s in sources.split(","))):
+                    low, dash, high = item.partition("-")
+                    values += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+                new = int(target)
+                if not values or new < 0 or min(values) < 0:
+                    raise ValueError(part)
+            except ValueError:
+                raise InputError(
+                    f"--merge wants FROM=TO with FROM like 1-7 or 1,3,5 (e.g. 1-7=1), got {part!r}"
+                ) from None
+            mapping.update(dict.fromkeys(values, new))
+    return mapping
+
+
+def merge_labels(array: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """A copy of a label map with each value of ``mapping`` replaced by its target."""
+    array = np.asarray(array)
+    merged = array.copy()
+    for source, target in mapping.items():
+        merged[array == source] = target
+    return merged
+
+
+def region_description(region: np.ndarray | None, axis: int | None, voxel_ml: float) -> str:
+    """One line saying what ``evaluate`` measured over (the labelled span or the whole volume)."""
+    if region is None or axis is None:
+        return "whole volume"
+    other = tuple(a for a in range(region.ndim) if a != axis)
+    slices = np.flatnonzero(region.any(axis=other))
+    kept, total = float(np.count_nonzero(region)) * voxel_ml, float(region.size) * voxel_ml
+    return (
+        f"labelled span of the truth only: slices {int(slices[0])}-{int(slices[-1])} of {region.shape[axis]} "
+        f"along array axis {axis} ({kept:.0f} of {total:.0f} mL; --span-axis none evaluates everywhere)"
+    )

@@ -192,6 +192,7 @@ def build_report(
             "volume_ml": round(s.volume_ml, 4),
             "height_mm": round(s.height_mm, 2),
             "superior_mm": round(s.superior_mm, 2),
+            "note": s.note,
         }
         for i, s in enumerate(review.levels, start=1)
     ]
@@ -216,6 +217,15 @@ def build_report(
     ]
     if not present:
         warning_rows.append({"source": "segmentation", "code": "empty", "message": "the segmentation is empty"})
+    else:
+        from .plausibility import body_part_of, plausibility_warnings
+
+        warning_rows += [
+            {"source": "segmentation", "code": "plausibility", "message": message}
+            for message in plausibility_warnings(
+                review, body_part_of(study.metadata), any(c.value == VERTEBRAL_BODY for c in classes)
+            )
+        ]
     model = _model_info(model_metadata)
     if model_metadata is not None:
         unknown = sorted(set(present) - set(model_metadata.class_values))
@@ -491,15 +501,54 @@ def _rows(header: Sequence[str], rows: Sequence[Sequence[tuple[str, bool]]]) -> 
 _METRIC_NAMES = {"val_dice": "Dice", "val_mean_dice": "mean Dice", "step": "at training step"}
 
 
-def _flatten(metrics: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """``{"val_dice": {"disc": 0.87}, "step": 8000}`` → ``[("Dice disc", 0.87), ("at training step", 8000)]``."""
-    if isinstance(metrics, dict):
-        items: list[tuple[str, Any]] = []
-        for key, value in metrics.items():
-            name = _METRIC_NAMES.get(str(key), str(key))
-            items += _flatten(value, f"{prefix}{name} " if isinstance(value, dict) else f"{prefix}{name}")
-        return items
-    return [(prefix, metrics)]
+_COLUMN_NAMES = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "asd_mm": "ASD (mm)",
+    "nsd_2mm": "NSD at 2 mm",
+    "hd95_mm": "HD95 (mm)",
+    "volume_pred_ml": "volume, model (mL)",
+    "volume_truth_ml": "volume, truth (mL)",
+}
+
+
+def _cell(value: Any) -> tuple[str, bool]:
+    if isinstance(value, bool) or value is None:
+        return _e(value), False
+    if isinstance(value, float):
+        return f"{value:.3f}", True
+    if isinstance(value, int):
+        return _e(value), True
+    if isinstance(value, (list, tuple)):
+        return _e(", ".join(str(v) for v in value)), False
+    return _e(value), False
+
+
+def _validation_html(metrics: Any) -> str:
+    """A model's recorded validation figures as tables (never a raw key dump).
+
+    Scalars (and lists) go in one two-column table; a mapping of scalars (e.g. Dice per class)
+    becomes a table of its own; a mapping of mappings (e.g. per dataset and class: Dice, HD95...)
+    one row per entry and one column per figure.
+    """
+    if not isinstance(metrics, dict) or not metrics:
+        return ""
+    summary: list[list[tuple[str, bool]]] = []
+    tables: list[str] = []
+    for key, value in metrics.items():
+        name = _METRIC_NAMES.get(str(key), str(key).replace("_", " "))
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            columns = list(dict.fromkeys(c for row in value.values() for c in row))
+            header = ["", *[_COLUMN_NAMES.get(str(c), str(c).replace("_", " ")) for c in columns]]
+            rows = [[(_e(label), False), *[_cell(row.get(c)) for c in columns]] for label, row in value.items()]
+            tables.append(f"<p>{_e(name)}</p>" + _rows(header, rows))
+        elif isinstance(value, dict):
+            rows = [[(_e(label), False), _cell(v)] for label, v in value.items()]
+            tables.append(f"<p>{_e(name)}</p>" + _rows(["", "value"], rows))
+        else:
+            summary.append([(_e(name), False), _cell(value)])
+    head = _rows(["figure", "value"], summary) if summary else ""
+    return head + "".join(tables)
 
 
 def report_to_html(report: dict[str, Any]) -> str:
@@ -534,7 +583,7 @@ def report_to_html(report: dict[str, Any]) -> str:
     levels = report.get("levels", [])
     level_table = (
         _rows(
-            ["#", "level", "structure", "volume (mL)", "height (mm)", "centre S (mm)"],
+            ["#", "level", "structure", "volume (mL)", "height (mm)", "centre S (mm)", "note"],
             [
                 [
                     (_e(s["order"]), True),
@@ -543,6 +592,7 @@ def report_to_html(report: dict[str, Any]) -> str:
                     (_number(s["volume_ml"]), True),
                     (_number(s["height_mm"], 1), True),
                     (_number(s["superior_mm"], 1), True),
+                    (_e(s.get("note", "")), False),
                 ]
                 for s in levels
             ],
@@ -568,18 +618,14 @@ def report_to_html(report: dict[str, Any]) -> str:
         lesion_table = ""
     lesion_note = f'<p class="note">{_e(report["lesion_note"])}</p>' if report.get("lesion_note") else ""
     if model.get("name"):
-        figures = "; ".join(
-            f"{_e(k)} {v:.3f}" if isinstance(v, float) else f"{_e(k)} {_e(v)}"
-            for k, v in _flatten(model.get("validation", {}))
-        )
         cases = model.get("validation_cases") or []
         model_html = (
             f"<p><b>{_e(model['name'])}</b> (version {_e(model.get('version'))}, {_e(model.get('architecture'))}): "
             f"{_e(model.get('description'))}</p>"
             f"<p>Classes: {_e(', '.join(model.get('classes', [])))}.</p>"
-            f"<p>Validation figures: {figures or 'none recorded'}"
-            + (f" (held-out cases: {_e(', '.join(cases))})" if cases else "")
-            + "</p>"
+            "<h3>Validation figures</h3>"
+            + (_validation_html(model.get("validation")) or "<p>None recorded.</p>")
+            + (f"<p>Validation cases: {_e(', '.join(cases))}</p>" if cases else "")
         )
     else:
         model_html = "<p>No model described.</p>"

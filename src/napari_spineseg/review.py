@@ -22,7 +22,23 @@ from .orientation import Plane, plane_array_axis
 from .schema import DEFAULT_CLASSES, INTERVERTEBRAL_DISC, LESION, VERTEBRAL_BODY, LabelClass, class_for_value
 from .volume import Geometry
 
-__all__ = ["ClassSummary", "LabelReview", "Lesion", "Structure", "review_labels", "slice_means", "uncertain_slices"]
+__all__ = [
+    "ClassSummary",
+    "LabelReview",
+    "Lesion",
+    "Structure",
+    "rank_uncertain_slices",
+    "review_labels",
+    "slice_means",
+    "uncertain_slices",
+]
+
+#: A body taller than this many times the median body height is probably two vertebrae as one.
+MERGED_HEIGHT_RATIO = 1.6
+#: Bodies/discs below these fractions of their class's median volume / height are fragments.
+MIN_LEVEL_VOLUME_OF_MEDIAN = 0.25
+MIN_LEVEL_HEIGHT_OF_MEDIAN = 0.4
+MAYBE_MERGED = "possibly merged"
 
 _FACES = ndimage.generate_binary_structure(3, 1)
 _FULL = ndimage.generate_binary_structure(3, 3)
@@ -46,6 +62,7 @@ class Structure:
     volume_ml: float
     height_mm: float  # extent along the superior-inferior array axis
     superior_mm: float  # LPS S coordinate of the centroid (larger = more superior)
+    note: str = ""  # "possibly merged" when far taller than the other bodies
 
 
 @dataclass(frozen=True)
@@ -62,9 +79,12 @@ class LabelReview:
     levels: list[Structure]  # superior -> inferior
     lesions: list[Lesion]
     fragments: dict[int, int] = field(default_factory=dict)  # value -> components too small to be a level
+    detects_lesions: bool = True  # False when the labels' classes have no lesion class
 
     def lesion_message(self) -> str:
         if not self.lesions:
+            if not self.detects_lesions:
+                return "This model cannot detect lesions (it has no lesion class)."
             return "No lesion detected."
         parts = [f"{x.volume_ml:.2f} mL" + (f" in {x.host}" if x.host else "") for x in self.lesions]
         return f"{len(self.lesions)} lesion{'s' if len(self.lesions) > 1 else ''}: " + "; ".join(parts)
@@ -92,7 +112,9 @@ def review_labels(
     """Summarise ``labels`` (``array[z, y, x]`` on ``geometry``).
 
     Bodies and discs smaller than ``min_level_ml`` or ``min_level_fraction`` of their class's
-    largest component are counted as fragments, not levels.
+    largest component, or far smaller or flatter than their class's median component, are counted
+    as fragments, not levels; a body much taller than the median one is noted "possibly merged".
+    ``detects_lesions`` of the result is whether ``classes`` has a lesion class.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
@@ -115,30 +137,50 @@ def review_labels(
             continue
         ids = np.arange(1, count + 1)
         sizes = ndimage.sum_labels(mask, labelled, ids) * voxel_ml
-        keep = ids[(sizes >= min_level_ml) & (sizes >= min_level_fraction * sizes.max())]
+        boxes = ndimage.find_objects(labelled)
+        heights = np.array([(b[si_axis].stop - b[si_axis].start) * si_spacing for b in boxes], dtype=float)
+        keep = _plausible_levels(sizes, heights, min_level_ml, min_level_fraction)
         fragments[value] = int(count - len(keep))
         centres = np.array(ndimage.center_of_mass(mask, labelled, keep)).reshape(-1, 3)
         superior = _superior_mm(centres, geometry)
-        boxes = ndimage.find_objects(labelled)
+        median_height = float(np.median(heights[keep - 1])) if len(keep) else 0.0
         for component, size, s_mm in zip(keep, sizes[keep - 1], superior):
-            box = boxes[component - 1]
-            height = (box[si_axis].stop - box[si_axis].start) * si_spacing
-            levels.append((value, int(component), float(size), float(height), float(s_mm)))
+            height = float(heights[component - 1])
+            merged = value == VERTEBRAL_BODY and len(keep) >= 3 and height > MERGED_HEIGHT_RATIO * median_height
+            levels.append((value, int(component), float(size), height, float(s_mm), MAYBE_MERGED if merged else ""))
         if value == VERTEBRAL_BODY:
             labelled_bodies = labelled
     levels.sort(key=lambda item: -item[4])
     named: list[Structure] = []
     bodies_above = 0
-    for value, component, size, height, s_mm in levels:
+    for value, component, size, height, s_mm, note in levels:
         if value == VERTEBRAL_BODY:
             bodies_above += 1
             name = f"body {bodies_above}"
             body_names[component] = name
         else:
             name = f"disc {bodies_above}-{bodies_above + 1}" if bodies_above else "disc above body 1"
-        named.append(Structure(value, name, size, height, s_mm))
+        named.append(Structure(value, name, size, height, s_mm, note))
     lesions = _lesions(labels, geometry, voxel_ml, labelled_bodies, body_names)
-    return LabelReview(summaries, named, lesions, fragments)
+    detects = any(c.value == LESION for c in classes)
+    return LabelReview(summaries, named, lesions, fragments, detects_lesions=detects)
+
+
+def _plausible_levels(sizes: np.ndarray, heights: np.ndarray, min_ml: float, min_fraction: float) -> np.ndarray:
+    """Component ids (1-based) big and tall enough to be a level, not a fragment.
+
+    A fragment (a few painted slices, a sliver at the edge of the field of view) is small against
+    the class's largest part and against its median part, or flat against the median height.
+    """
+    ids = np.arange(1, len(sizes) + 1)
+    if not len(sizes):
+        return ids
+    candidate = (sizes >= min_ml) & (sizes >= min_fraction * sizes.max())
+    if candidate.sum() >= 3:  # enough parts for a median to mean "a typical level"
+        median_ml, median_height = np.median(sizes[candidate]), np.median(heights[candidate])
+        candidate &= sizes >= MIN_LEVEL_VOLUME_OF_MEDIAN * median_ml
+        candidate &= heights >= MIN_LEVEL_HEIGHT_OF_MEDIAN * median_height
+    return ids[candidate]
 
 
 def _lesions(
@@ -180,3 +222,44 @@ def uncertain_slices(array: np.ndarray, axis: int) -> np.ndarray:
     """Slice indices along ``axis``, most uncertain (highest mean) first; ties by index."""
     means = slice_means(array, axis)
     return np.lexsort((np.arange(len(means)), -means))
+
+
+def rank_uncertain_slices(
+    uncertainty: np.ndarray,
+    axis: int,
+    anatomy: np.ndarray | None = None,
+    margin_voxels: int = 3,
+    min_gap: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slices along ``axis`` worth reviewing first, and each slice's score (mean uncertainty).
+
+    Only voxels inside ``anatomy`` (a label map or mask: non-zero is segmented) grown by
+    ``margin_voxels`` count, so background at the edge of the field of view never wins; slices
+    with none of them are left out.  Proposals are spread: greedily the best slice at least
+    ``min_gap`` slices from every one already proposed, then the rest by score.
+    """
+    uncertainty = np.asarray(uncertainty, dtype=np.float32)
+    if not -uncertainty.ndim <= axis < uncertainty.ndim:
+        raise InputError(f"axis {axis} out of range for an array of shape {uncertainty.shape}")
+    axis %= uncertainty.ndim
+    if anatomy is None:
+        region = np.ones(uncertainty.shape, bool)
+    else:
+        if np.shape(anatomy) != uncertainty.shape:
+            raise GeometryMismatchError(f"anatomy shape {np.shape(anatomy)} differs from {uncertainty.shape}")
+        region = np.asarray(anatomy) != 0
+        if margin_voxels > 0 and region.any():
+            region = ndimage.binary_dilation(region, _FULL, iterations=int(margin_voxels))
+    other = tuple(a for a in range(uncertainty.ndim) if a != axis)
+    counts = region.sum(axis=other)
+    sums = np.where(region, uncertainty, 0.0).sum(axis=other, dtype=np.float64)
+    scores = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    valid = np.flatnonzero(counts > 0)
+    by_score = valid[np.lexsort((valid, -scores[valid]))]
+    spread: list[int] = []
+    for index in by_score:
+        if all(abs(int(index) - chosen) >= min_gap for chosen in spread):
+            spread.append(int(index))
+    proposed = set(spread)
+    rest = [int(i) for i in by_score if int(i) not in proposed]
+    return np.asarray(spread + rest, dtype=np.int64), scores

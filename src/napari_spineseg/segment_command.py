@@ -303,6 +303,10 @@ def _segment_job(job: Job, volume: Any, predictor: Any, model: Any, args: argpar
     if job.dicom_seg is not None:
         print(f"{job.name}: DICOM-SEG -> {job.dicom_seg}")
     print(f"{job.name}: {result.seconds:.1f} s -> {job.labels}")
+    from .plausibility import segmentation_warnings
+
+    for warning in segmentation_warnings(result.labels, volume, model.metadata.classes):
+        print(f"spineseg: warning: {job.name[:60]}: {warning}", file=sys.stderr)
 
 
 def run_segment(args: argparse.Namespace, settings: Any) -> int:

@@ -76,8 +76,14 @@ def start_finetune(
     cancel: threading.Event,
     device: str = "auto",
     validations: int = 4,
+    measure_forgetting: bool = True,
 ) -> Generator[FinetuneEvent, None, Any]:
-    """Fine-tune ``base_model`` on ``(image, corrected labels, original prediction or None)`` pairs."""
+    """Fine-tune ``base_model`` on ``(image, corrected labels, original prediction or None)`` pairs.
+
+    Short runs (at most 50 steps) are measured once, at the end; longer ones ``validations``
+    times.  ``measure_forgetting=False`` skips the fixed validation set (faster; forgetting is
+    then not measured).  The base model's fixed-set figures are cached between runs.
+    """
     from ..training.finetune import CorrectionPair, FinetuneConfig, finetune
 
     if not pairs:
@@ -90,7 +96,8 @@ def start_finetune(
         lr=float(lr),
         class_names={int(k): v for k, v in (class_names or {}).items()},
         device=device,
-        val_every=max(int(steps) // max(1, validations), min(int(steps), 25)),
+        val_every=int(steps) if int(steps) <= 50 else max(int(steps) // max(1, validations), 25),
+        measure_forgetting=bool(measure_forgetting),
     )
     events = finetune(base_model, correction_pairs, config, cancel=cancel)
     with gui_friendly_torch():

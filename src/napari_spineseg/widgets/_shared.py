@@ -334,6 +334,13 @@ def legend_label() -> QLabel:
 # ------------------------------------------------------------------------------------------------
 # Pickers
 # ------------------------------------------------------------------------------------------------
+def elide_with_tooltip(combo: QComboBox, characters: int = 12) -> None:
+    """Let a picker shrink (long names elided) and show the current name in full as its tooltip."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(characters)
+    combo.currentIndexChanged.connect(lambda *_: combo.setToolTip(combo.currentText()))
+
+
 class LayerCombo(QComboBox):
     """The layers of one kind ("image" or "labels") in a viewer, kept up to date."""
 
@@ -342,6 +349,7 @@ class LayerCombo(QComboBox):
         self.viewer = viewer
         self.kind = kind
         self.studies_only = studies_only  # leave out uncertainty maps made by Segment spine
+        elide_with_tooltip(self)
         events = viewer.layers.events
         for emitter in (events.inserted, events.removed, events.moved):
             emitter.connect(self.refresh)
@@ -400,6 +408,7 @@ class ModelCombo(QComboBox):
         super().__init__(parent)
         self._files: list[str] = []
         self._last = 0
+        elide_with_tooltip(self)
         self.refresh()
         self.activated.connect(self._on_activated)
         models_changed.connect(self._on_models_changed)
@@ -554,6 +563,7 @@ def show_plane(viewer: Any, layer: Any, plane: str, index: int | None = None) ->
     col_right = lps_axis[col_axis][1] > 0  # columns run A→P (+P) or R→L (+L)
     if viewer.dims.ndim == 3:
         viewer.dims.order = (axis, row_axis, col_axis)
+        viewer.dims.axis_labels = [p.value for p in sorted(Plane, key=lambda p: plane_array_axis(geometry, p))]
         camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9: scene
         camera.orientation2d = ("down" if row_down else "up", "right" if col_right else "left")
     if index is not None:

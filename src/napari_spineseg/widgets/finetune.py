@@ -49,6 +49,7 @@ from ._shared import (
     start_job,
     warm_up,
 )
+from .review import fit_width
 
 
 @dataclass
@@ -102,6 +103,13 @@ class FinetuneWidget(QWidget):
         self.class_table.setFixedHeight(40)
         self.changed_only_box = QCheckBox("learn only from the slices I changed", self)
         self.changed_only_box.setChecked(True)
+        self.forgetting_box = QCheckBox("check for forgetting (slower)", self)
+        self.forgetting_box.setChecked(True)
+        self.forgetting_box.setToolTip(
+            "Measures the model before and after on its fixed validation set (a few recorded studies), so a model that "
+            "forgot what it knew is caught. The base model's figures are remembered: only the first run "
+            "with a base model pays for them."
+        )
         self.changed_only_box.setToolTip(
             "Known for results of 'Segment spine': slices you did not edit are treated as 'not annotated'. "
             "Untick when you corrected the whole study."
@@ -142,17 +150,13 @@ class FinetuneWidget(QWidget):
         layout.addWidget(QLabel("Classes (names are editable)", self))
         layout.addWidget(self.class_table)
         layout.addWidget(self.changed_only_box)
+        layout.addWidget(self.forgetting_box)
         row = QHBoxLayout()
         row.addWidget(self.start_button)
         row.addWidget(self.cancel_button)
         layout.addLayout(row)
+        # What matters while and after it runs stays near the top: status, then name and Save.
         layout.addWidget(self.status)
-        layout.addWidget(self.chart)
-        note = QLabel("Dice lines use the class colours; solid: your corrections, dashed: fixed validation set", self)
-        note.setWordWrap(True)
-        layout.addWidget(note)
-        layout.addWidget(QLabel("Dice on the corrected studies, before → after", self))
-        layout.addWidget(self.metrics_table)
         form = QFormLayout()
         form.addRow("Model name", self.name_edit)
         layout.addLayout(form)
@@ -160,6 +164,12 @@ class FinetuneWidget(QWidget):
         row.addWidget(self.save_button)
         row.addWidget(self.resegment_button)
         layout.addLayout(row)
+        layout.addWidget(QLabel("Dice on the corrected studies, before → after", self))
+        layout.addWidget(self.metrics_table)
+        layout.addWidget(self.chart)
+        note = QLabel("Dice lines use the class colours; solid: your corrections, dashed: fixed validation set", self)
+        note.setWordWrap(True)
+        layout.addWidget(note)
         layout.addStretch(1)
 
         saved = load_settings("finetune")
@@ -278,7 +288,16 @@ class FinetuneWidget(QWidget):
         names = self.class_names()
         self.chart.reset(steps, {names.get(c.value, c.name): c.color for c in self._classes if c.value != 0})
         self.status.setText(f"Starting: loading {base}…")
-        job = partial(start_finetune, base, volumes, steps, lr, names, self._run.cancel)
+        job = partial(
+            start_finetune,
+            base,
+            volumes,
+            steps,
+            lr,
+            names,
+            self._run.cancel,
+            measure_forgetting=self.forgetting_box.isChecked(),
+        )
         start_job(job, "fine-tuning", self._on_event, self._on_done, sync=sync)
 
     def cancel(self) -> None:
@@ -295,7 +314,9 @@ class FinetuneWidget(QWidget):
             run.progress.update(event.step - run.progress.n)
         self.chart.add(event.step, event.loss, event.val_dice)
         loss = f", loss {event.loss:.3f}" if event.loss is not None else ""
-        self.status.setText(event.message or f"step {event.step} of {event.total_steps}{loss}")
+        text = event.message or f"training: step {event.step} of {event.total_steps}{loss}"
+        self.status.setText(text)
+        run.progress.set_description(f"Fine-tuning: {text}")
 
     def _on_done(self, outcome: Outcome) -> None:
         run, self._run = self._run, None
@@ -315,13 +336,25 @@ class FinetuneWidget(QWidget):
             return
         self.result = result = outcome.value
         self._image_layer = run.image_layer
-        fill_table(self.metrics_table, *dice_table(result))
+        headers, rows = dice_table(result)
+        fill_table(self.metrics_table, ["\n".join(h.rsplit(" ", 1)) for h in headers], rows)  # two-line headers
+        fit_width(self.metrics_table)  # every number column in view
         for warning in result.warnings:
             notify_info(f"Fine-tuning: {warning}")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")
         self.name_edit.setText(f"{run.base.rsplit('/', 1)[-1].removesuffix('.safetensors')}-ft-{stamp}")
         self.status.setText(f"Finished {result.steps} steps. Name the model and save it.")
         self.save_button.setEnabled(True)
+        self._show(self.save_button)
+        notify_info(f"Fine-tuning finished ({result.steps} steps): name the model and save it")
+
+    def _show(self, widget: QWidget) -> None:
+        """Scroll the dock so ``widget`` is in view (the docks may be stacked and short)."""
+        from qtpy.QtWidgets import QScrollArea
+
+        scroll = self.findChild(QScrollArea)
+        if scroll is not None:
+            scroll.ensureWidgetVisible(widget)
 
     # Saving and using the model ------------------------------------------------------------------
     def save_model(self, name: str | None = None) -> str | None:
@@ -338,7 +371,7 @@ class FinetuneWidget(QWidget):
         self.saved_model = name
         self.resegment_button.setEnabled(True)
         self.status.setText(f"Saved as {name} ({path}).")
-        notify_info(f"Model {name!r} saved to {path}")
+        notify_info(f"Saved model {name!r}")  # the path is in the status line (a toast is cut short)
         models_changed.emit(name)
         return name
 

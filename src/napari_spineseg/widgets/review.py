@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 from ..errors import SpinesegError
 from ._shared import (
     PLANE_NAMES,
+    RESULT_KEY,
     LayerCombo,
     Outcome,
     fill_table,
@@ -67,6 +68,61 @@ def _table(parent: QWidget) -> QTableWidget:
     return table
 
 
+def fit_width(table: QTableWidget) -> None:
+    """Keep every number column in view: the first (name) column takes what is left, elided.
+
+    The full name is the cell's tooltip.
+    """
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QHeaderView
+
+    table.setWordWrap(False)  # a long name is elided, not wrapped (taller rows would need a scrollbar)
+    table.setTextElideMode(Qt.TextElideMode.ElideRight)
+    table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+    for row in range(table.rowCount()):
+        item = table.item(row, 0)
+        if item is not None:
+            item.setToolTip(item.text())
+    table.resizeRowsToContents()
+    rows = sum(table.rowHeight(r) for r in range(min(table.rowCount(), 8)))
+    header = max(table.horizontalHeader().height(), table.horizontalHeader().sizeHint().height())  # two-line
+    table.setFixedHeight(header + rows + 2 * table.frameWidth() + table.horizontalScrollBar().sizeHint().height() + 2)
+
+
+def is_uncertainty_map(layer: Any) -> bool:
+    """An uncertainty map made by Segment spine (or one opened from a file named so); never a study."""
+    kind = ((getattr(layer, "metadata", None) or {}).get(RESULT_KEY) or {}).get("kind")
+    return kind == "uncertainty" or (kind is None and "uncertainty" in str(layer.name).lower())
+
+
+class UncertaintyCombo(LayerCombo):
+    """The uncertainty maps of the viewer (studies and other images are never ranked)."""
+
+    def layers(self) -> list[Any]:
+        return [layer for layer in super().layers() if is_uncertainty_map(layer)]
+
+
+#: Voxels around the segmented anatomy that still count when ranking uncertain slices (mm).
+ANATOMY_MARGIN_MM = 10.0
+#: Proposed slices are at least this far apart (mm) until every spread-out slice was shown.
+PROPOSAL_GAP_MM = 8.0
+
+
+def layer_names(layer: Any) -> dict[int, str]:
+    """Value -> name as a Labels layer itself names them (its features table, else recorded classes)."""
+    from .._napari_layers import CLASSES_KEY, classes_from_layer
+
+    features = getattr(layer, "features", None)
+    try:
+        if features is not None and {"index", "name"} <= set(features.columns):
+            return {int(v): str(n) for v, n in zip(features["index"], features["name"])}
+    except (TypeError, ValueError):
+        pass
+    if (layer.metadata or {}).get(CLASSES_KEY):
+        return {c.value: c.name for c in classes_from_layer(layer)}
+    return {}
+
+
 class ReviewWidget(QWidget):
     """Check a Labels layer before it is used: numbers per class and level, and where to look."""
 
@@ -84,6 +140,8 @@ class ReviewWidget(QWidget):
         self.refresh_button.clicked.connect(lambda: self.refresh())
         self.export_button = QPushButton("Export labels…", self)
         self.export_button.clicked.connect(lambda: self.export_labels())
+        self.status = QLabel("", self)  # the last export's outcome in full (a toast may be cut off)
+        self.status.setWordWrap(True)
         self.lesion_label = QLabel("", self)
         self.lesion_label.setWordWrap(True)
         self.class_table = _table(self)
@@ -94,8 +152,10 @@ class ReviewWidget(QWidget):
         self.compare_button = QPushButton("Compare", self)
         self.compare_button.clicked.connect(lambda: self.compare())
         self.compare_table = _table(self)
+        self.compare_note = QLabel("", self)
+        self.compare_note.setWordWrap(True)
 
-        self.uncertainty_combo = LayerCombo(napari_viewer, "image", self)
+        self.uncertainty_combo = UncertaintyCombo(napari_viewer, "image", self)
         self.plane_combo = QComboBox(self)
         self.plane_combo.addItems(PLANE_NAMES)
         self.next_button = QPushButton("Go to next most uncertain slice", self)
@@ -114,6 +174,7 @@ class ReviewWidget(QWidget):
         row.addWidget(self.refresh_button)
         row.addWidget(self.export_button)
         layout.addLayout(row)
+        layout.addWidget(self.status)
         self.tabs = QTabWidget(self)
         layout.addWidget(self.tabs)
         numbers = scrolling_layout(self._tab("Numbers"))
@@ -128,6 +189,7 @@ class ReviewWidget(QWidget):
         form.addRow("Corrected", self.truth_combo)
         compare.addLayout(form)
         compare.addWidget(self.compare_button)
+        compare.addWidget(self.compare_note)
         compare.addWidget(self.compare_table)
         compare.addStretch(1)
         uncertainty = scrolling_layout(self._tab("Uncertainty"))
@@ -146,7 +208,7 @@ class ReviewWidget(QWidget):
 
     def _prefer_uncertainty(self, *_: Any) -> None:
         for layer in reversed(list(self.viewer.layers)):
-            if is_kind(layer, "image") and "uncertainty" in layer.name:
+            if is_kind(layer, "image") and is_uncertainty_map(layer):
                 self.uncertainty_combo.set_layer(layer)
                 return
 
@@ -178,8 +240,9 @@ class ReviewWidget(QWidget):
         self.review = review = outcome.value
         rows = [[c.name, c.value, c.volume_ml, c.components] for c in review.classes]
         fill_table(self.class_table, ["class", "value", "mL", "parts"], rows)
-        rows = [[s.name, s.volume_ml, s.height_mm] for s in review.levels]
-        fill_table(self.level_table, ["structure", "volume mL", "height mm"], rows)
+        noted = any(s.note for s in review.levels)  # the "note" column only when there is one (narrow docks)
+        rows = [[s.name, s.volume_ml, s.height_mm, *([s.note] if noted else [])] for s in review.levels]
+        fill_table(self.level_table, ["structure", "volume mL", "height mm", *(["note"] if noted else [])], rows)
         names = {c.value: c.name for c in review.classes}
         lines = [f"<b>{review.lesion_message()}</b>"]
         others = [c for c in review.classes if c.value > 4]
@@ -207,7 +270,15 @@ class ReviewWidget(QWidget):
         except SpinesegError as error:
             notify_error(str(error))
             return
-        names = {c.value: c.name for c in [*classes_from_layer(pred), *classes_from_layer(truth)]}
+        names = {c.value: c.name for c in classes_from_layer(pred)}
+        names.update(layer_names(truth))  # the truth's values keep the truth's own names
+        schema = (truth.metadata or {}).get("spineseg_schema", True)
+        self.compare_note.setText(
+            ""
+            if schema
+            else f"{truth.name} does not use the model's classes (one value per structure?): its values "
+            "are compared as they are; merge instance labels first (e.g. spineseg evaluate --merge 1-7=1)"
+        )
         self.compare_button.setEnabled(False)
         job = partial(compare_job, pred_volume, truth_volume, names)
         start_job(job, "comparison", lambda _: None, self._on_compare, sync=sync)
@@ -219,16 +290,20 @@ class ReviewWidget(QWidget):
             return
         self.comparison = outcome.value or []
         rows = [[m.name, m.dice, m.hd95_mm, m.volume_pred_ml, m.volume_truth_ml] for m in self.comparison]
-        fill_table(self.compare_table, ["class", "Dice", "HD95 mm", "mL model", "mL corr."], rows)
+        fill_table(self.compare_table, ["class", "Dice", "HD95\nmm", "mL\nmodel", "mL\ncorr."], rows)
+        fit_width(self.compare_table)
 
     # Uncertainty navigation --------------------------------------------------------------------
     def next_uncertain_slice(self) -> int | None:
-        """Show the next slice (along the chosen plane) in order of decreasing mean uncertainty."""
-        from ..review import slice_means, uncertain_slices
+        """Show the next slice (along the chosen plane) worth checking: most uncertain first.
+
+        Only the segmented anatomy (plus a margin) counts, and the proposals are spread out.
+        """
+        from ..review import rank_uncertain_slices
 
         layer = self.uncertainty_combo.current_layer()
         if layer is None or getattr(layer.data, "ndim", 0) != 3:
-            notify_error("Choose a 3-D uncertainty map (run Segment spine with 'add an uncertainty map')")
+            notify_error("No uncertainty map: run Segment spine with 'add an uncertainty map' first")
             return None
         plane = self.plane_combo.currentText()
         try:
@@ -236,20 +311,42 @@ class ReviewWidget(QWidget):
         except SpinesegError as error:
             notify_error(str(error))
             return None
-        key = (layer.unique_id, plane)
+        anatomy = self._anatomy_for(layer)
+        key = (layer.unique_id, plane, None if anatomy is None else anatomy.unique_id)
         cached = self._ranking.get(key)
         if cached is None or cached[0].shape[0] != layer.data.shape[axis]:
-            data = np.asarray(layer.data)
-            cached = (slice_means(data, axis), uncertain_slices(data, axis), 0)
-        means, order, position = cached
+            spacing = np.asarray(layer.scale[-3:], dtype=float)
+            margin = max(1, round(ANATOMY_MARGIN_MM / float(spacing.min())))
+            gap = max(2, int(np.ceil(PROPOSAL_GAP_MM / float(spacing[axis]))))
+            mask = None if anatomy is None else np.asarray(anatomy.data)
+            order, scores = rank_uncertain_slices(np.asarray(layer.data), axis, mask, margin, gap)
+            cached = (scores, order, 0)
+        scores, order, position = cached
+        if not len(order):
+            notify_error(f"{anatomy.name} is empty: nothing to rank")
+            return None
         index = int(order[position % len(order)])
-        self._ranking[key] = (means, order, position + 1)
+        self._ranking[key] = (scores, order, position + 1)
         show_plane(self.viewer, layer, plane, index)
         rank = position % len(order) + 1
+        where = f"inside {anatomy.name} (+{ANATOMY_MARGIN_MM:g} mm)" if anatomy is not None else "whole field of view"
         self.uncertainty_label.setText(
-            f"{plane} slice {index} — rank {rank} of {len(order)}, mean uncertainty {means[index]:.3f}"
+            f"{plane} slice {index} — rank {rank} of {len(order)}, mean uncertainty {scores[index]:.3f} ({where})"
         )
+        self.uncertainty_label.setToolTip(self.uncertainty_label.text())
         return index
+
+    def _anatomy_for(self, uncertainty: Any) -> Any:
+        """The segmentation the map belongs to (same study and model), else the chosen Labels layer."""
+        meta = (uncertainty.metadata or {}).get(RESULT_KEY) or {}
+        shape = tuple(uncertainty.data.shape)
+        candidates = [la for la in self.viewer.layers if is_kind(la, "labels") and tuple(la.data.shape) == shape]
+        for layer in reversed(candidates):
+            made = (layer.metadata or {}).get(RESULT_KEY) or {}
+            if meta.get("image") and made.get("image") == meta.get("image") and made.get("model") == meta.get("model"):
+                return layer
+        chosen = self.labels_combo.current_layer()
+        return chosen if chosen is not None and tuple(chosen.data.shape) == shape else None
 
     # Export ------------------------------------------------------------------------------------
     def export_labels(self, path: str | Path | None = None, sync: bool = False) -> None:
@@ -286,7 +383,9 @@ class ReviewWidget(QWidget):
     def _on_export(self, name: str, outcome: Outcome) -> None:
         self.export_button.setEnabled(True)
         if outcome.error:
+            self.status.setText(f"Not exported: {outcome.error}")
             notify_error(outcome.error)
         elif outcome.value is not None:
             self.exported = Path(outcome.value)
+            self.status.setText(f"Saved {name} to {outcome.value}")
             notify_info(f"Saved {name} to {outcome.value}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -12,6 +13,7 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..errors import SpinesegError
+from ..orientation import Plane
 from ..volume import Volume
 from ._layers import add_in_turns, prepare_layers, replace_in_turns
 from ._shared import (
@@ -33,6 +35,7 @@ from ._shared import (
     notify_error,
     notify_info,
     save_settings,
+    show_plane,
     start_job,
     unique_layer_name,
     warm_up,
@@ -41,20 +44,44 @@ from ._threads import gui_friendly_torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FUSIONS = ("mean", "weighted", "vote")
+#: Image-layer metadata that says where the study came from: copied onto its results, so a result
+#: can be exported as a DICOM Segmentation of the series (and the report knows the body part).
+SOURCE_KEYS = ("source", "format", "dicom", "dicom_files", "series_id")
 
 
-def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: threading.Event):
+def source_metadata(layer: Any) -> dict[str, Any]:
+    """The study-source entries of an image layer's metadata (see :data:`SOURCE_KEYS`)."""
+    meta = getattr(layer, "metadata", None) or {}
+    return {key: meta[key] for key in SOURCE_KEYS if meta.get(key) is not None}
+
+
+def result_name(image_name: str, model: str, version: str | None, kind: str = "segmentation") -> str:
+    """``"<study> segmentation (<model> v<version>)"``: a result says which model made it."""
+    tag = f"{model} v{version}" if version and version != "unknown" else model
+    return f"{image_name} {kind} ({tag})"
+
+
+def segment_job(
+    volume: Volume,
+    model: str,
+    settings: dict[str, Any],
+    cancel: threading.Event,
+    source: dict[str, Any] | None = None,
+):
     """Worker body: load the model, segment, and prepare the layers (no Qt, nothing in the viewer).
 
     Everything proportional to the study's size (unique values, percentiles, hashes, copies)
     and the layer objects themselves are made here, so the GUI thread only has to add them.
+    ``source`` (the image layer's :func:`source_metadata`) is recorded on the result layers.
     """
     from napari.utils.colormaps import DirectLabelColormap
 
     from .._napari_layers import image_layer_data, labels_layer_data, levels_layer_data
     from ..inference import Predictor, ProgressEvent, SegmentationSettings
     from ..levels import identify_levels
-    from ..schema import class_for_value, color_dict, extend_classes
+    from ..plausibility import body_part_of, plausibility_warnings
+    from ..review import review_labels
+    from ..schema import VERTEBRAL_BODY, class_for_value, color_dict, extend_classes
     from ._finetune_job import label_values
     from ._layers import build_layer
 
@@ -65,6 +92,8 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
         result = yield from predictor.run(volume, cancel)
     classes = extend_classes(loaded.metadata.classes, label_values(result.labels.array))
     labels = labels_layer_data(result.labels, classes)
+    labels[1]["metadata"].update(source or {})
+    version = loaded.metadata.version
     # Values an annotator may paint next (new structures) get the colour fine-tuning will give them.
     colours = color_dict(classes)
     top = max(c.value for c in classes)
@@ -74,6 +103,7 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
         "kind": "labels",
         "image": volume.name,
         "model": result.model_name,
+        "version": version,
         "planes": list(result.planes),
         "checksum": checksum(result.labels.array),
         "edited": False,
@@ -84,7 +114,13 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
     if result.uncertainty is not None:
         uncertainty = image_layer_data(result.uncertainty)
         uncertainty[1].update(colormap="inferno", contrast_limits=(0.0, 1.0), opacity=0.5, blending="additive")
-        uncertainty[1]["metadata"][RESULT_KEY] = {"kind": "uncertainty", "image": volume.name}
+        uncertainty[1]["metadata"].update(source or {})
+        uncertainty[1]["metadata"][RESULT_KEY] = {
+            "kind": "uncertainty",
+            "image": volume.name,
+            "model": result.model_name,
+            "version": version,
+        }
     # The layer objects too (napari's colormap, features and slicing work): the GUI thread only appends them.
     layers = {"labels": build_layer(*labels)}
     if uncertainty is not None:
@@ -92,7 +128,10 @@ def segment_job(volume: Volume, model: str, settings: dict[str, Any], cancel: th
     levels = identify_levels(result.labels)  # vertebral levels (levels.py); a layer only when named
     if levels.named:
         layers["levels"] = build_layer(*levels_layer_data(levels, f"{volume.name} levels"))
-    return _Output(result, classes, labels, uncertainty, layers, levels)
+    review = review_labels(result.labels.array, result.labels.geometry, classes)
+    expects_bodies = any(c.value == VERTEBRAL_BODY for c in loaded.metadata.classes)
+    implausible = plausibility_warnings(review, body_part_of(source), expects_bodies)
+    return _Output(result, classes, labels, uncertainty, layers, version, implausible, levels)
 
 
 @dataclass
@@ -102,6 +141,8 @@ class _Output:
     labels: tuple  # layer data tuple
     uncertainty: tuple | None
     layers: dict[str, Any]  # hidden napari layers made from the tuples ("labels", "uncertainty", "levels")
+    version: str = ""  # the model's version
+    implausible: list[str] = field(default_factory=list)  # plausibility warnings (not a spine result?)
     levels: Any = None  # LevelResult
 
 
@@ -135,6 +176,7 @@ class _Run:
     progress: Any
     settings: dict[str, Any] = field(default_factory=dict)
     sync: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 class SegmentWidget(QWidget):
@@ -150,6 +192,16 @@ class SegmentWidget(QWidget):
         self.image_combo = LayerCombo(napari_viewer, "image", self, studies_only=True)
         self.model_combo = ModelCombo(self)
         self.model_combo.currentIndexChanged.connect(self._show_model_legend)
+        for combo in (self.image_combo, self.model_combo):  # long names are elided: in full as a tooltip
+            combo.setToolTip(combo.currentText())
+        napari_viewer.layers.events.inserted.connect(self._follow_new_study)
+        self.destroyed.connect(lambda *_: napari_viewer.layers.events.inserted.disconnect(self._follow_new_study))
+        self.view_buttons = {name: QPushButton(name.capitalize(), self) for name in PLANE_NAMES}
+        views = QHBoxLayout()
+        for name, button in self.view_buttons.items():
+            button.setToolTip(f"Show {name} slices the radiological way (the slider is named after the plane)")
+            button.clicked.connect(partial(self.show_view, name))
+            views.addWidget(button)
         self.plane_boxes = {name: QCheckBox(name, self) for name in PLANE_NAMES}
         planes = QHBoxLayout()
         for box in self.plane_boxes.values():
@@ -185,6 +237,9 @@ class SegmentWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        view_form = QFormLayout()
+        view_form.addRow("View", views)
+        layout.addLayout(view_form)
         layout.addWidget(self.status)
         layout.addWidget(QLabel("<b>Legend</b>", self))
         layout.addWidget(self.legend)
@@ -242,6 +297,40 @@ class SegmentWidget(QWidget):
             self.device_combo.model().item(self.device_combo.count() - 1).setEnabled(usable)
         self.device_combo.setCurrentIndex(current)
 
+    def _follow_new_study(self, event: Any) -> None:
+        """A study just opened becomes the image to segment, and is brought into view."""
+        layer = event.value
+        if not is_kind(layer, "image") or _is_ours(layer) or getattr(layer, "ndim", 0) != 3:
+            return
+        try:
+            self.image_combo.set_layer(layer)
+        except RuntimeError:  # the widget is gone
+            return
+        # The slice shown for an earlier study may lie outside the new one (a black canvas): go to its middle.
+        extent = np.asarray(layer.extent.world, dtype=float)
+        for axis, middle in enumerate(extent.mean(axis=0)[-3:]):
+            self.viewer.dims.set_point(self.viewer.dims.ndim - 3 + axis, float(middle))
+        self.viewer.reset_view()
+        labels = plane_labels(layer)
+        if labels is not None and self.viewer.dims.ndim == 3:
+            self.viewer.dims.axis_labels = labels
+
+    def show_view(self, plane: str) -> int | None:
+        """Show the chosen study in ``plane`` (axial/coronal/sagittal), radiological orientation."""
+        layer = self.image_combo.current_layer() or next(
+            (la for la in reversed(list(self.viewer.layers)) if getattr(la, "ndim", 0) == 3), None
+        )
+        if layer is None:
+            notify_error("Open a study first")
+            return None
+        try:
+            axis = show_plane(self.viewer, layer, Plane(plane).value)
+        except SpinesegError as error:
+            notify_error(str(error))
+            return None
+        self.viewer.reset_view()
+        return axis
+
     def _show_model_legend(self, *_: Any) -> None:
         classes = model_classes(self.model_combo.current_model())
         self.legend.setText(legend_html(classes) if classes else "<i>choose a model</i>")
@@ -287,7 +376,7 @@ class SegmentWidget(QWidget):
         self._run = _Run(image.name, cancel, progress(total=1000, desc=f"Segmenting {image.name}"), settings, sync)
         self._set_running(True)
         self.status.setText(f"Loading {model}…")
-        job = partial(segment_job, volume, model, settings, cancel)
+        job = partial(segment_job, volume, model, settings, cancel, source_metadata(image))
         self._worker = start_job(job, "segmentation", self._on_progress, self._on_done, sync=sync)
 
     def cancel(self) -> None:
@@ -308,7 +397,8 @@ class SegmentWidget(QWidget):
         if target > run.progress.n:
             run.progress.update(target - run.progress.n)
         if event.stage == "plane":
-            self.status.setText(f"{event.plane}: slice {event.done} of {event.total}")
+            overall = overall_progress(event.fraction, time.monotonic() - run.started)
+            self.status.setText(f"{overall} — {event.plane}: slice {event.done} of {event.total}")
         elif event.stage == "fuse":
             self.status.setText("Fusing planes…")
 
@@ -341,7 +431,7 @@ class SegmentWidget(QWidget):
         yield from self._show_levels(run, output)
 
     def _show_uncertainty(self, run: _Run, output: _Output) -> Iterator[None]:
-        name = f"{run.image_name} uncertainty"
+        name = result_name(run.image_name, output.result.model_name, output.version, "uncertainty")
         existing = next((lay for lay in self.viewer.layers if lay.name == name and _is_ours(lay)), None)
         if existing is not None:
             existing.data = output.uncertainty[0]
@@ -353,22 +443,26 @@ class SegmentWidget(QWidget):
     def _show_labels(self, run: _Run, output: _Output) -> Iterator[None]:
         result = output.result
         data, kwargs, _ = output.labels
-        layer = self._replaceable(run.image_name, data.shape)
+        layer = self._replaceable(run.image_name, data.shape, result.model_name, output.version)
         if layer is not None:
             yield from replace_in_turns(layer, data, kwargs)
         else:
             layer = output.layers["labels"]
-            layer.name = unique_layer_name(self.viewer, f"{run.image_name} segmentation")
+            name = result_name(run.image_name, result.model_name, output.version)
+            layer.name = unique_layer_name(self.viewer, name)
             layer.events.paint.connect(_mark_edited)
             yield from add_in_turns(self.viewer, layer)
         yield
         self.last_layer = layer
         self.legend.setText(legend_html(output.classes))
         planes = ", ".join(result.planes)
-        self.status.setText(f"{layer.name}: {result.model_name} ({planes}) in {result.seconds:.1f} s")
-        for warning in result.warnings:
-            from napari.utils.notifications import show_warning
+        text = f"{layer.name}: {result.model_name} ({planes}) in {result.seconds:.1f} s"
+        if output.implausible:
+            text += "<br><b>Check this result:</b> " + "; ".join(output.implausible)
+        self.status.setText(text)
+        from napari.utils.notifications import show_warning
 
+        for warning in [*result.warnings, *output.implausible]:
             show_warning(f"{run.image_name}: {warning}")
 
     def _show_levels(self, run: _Run, output: _Output) -> Iterator[None]:
@@ -391,11 +485,17 @@ class SegmentWidget(QWidget):
             summary = f"levels uncertain: {levels.reason}"
         self.status.setText(f"{self.status.text()}; {summary}")
 
-    def _replaceable(self, image_name: str, shape: tuple) -> Any:
-        """An earlier, unedited result for the same image (edited ones are never overwritten)."""
+    def _replaceable(self, image_name: str, shape: tuple, model: str, version: str) -> Any:
+        """An earlier, unedited result of the same model for the same image.
+
+        Edited results are never overwritten, nor are another model's (base and fine-tuned
+        results stay side by side for comparison).
+        """
         for layer in reversed(list(self.viewer.layers)):
             meta = (layer.metadata or {}).get(RESULT_KEY)
             if not (is_kind(layer, "labels") and meta and meta.get("image") == image_name):
+                continue
+            if meta.get("model") != model or str(meta.get("version", "")) != str(version):
                 continue
             if layer.data.shape == shape and not is_edited(layer):
                 return layer
@@ -411,3 +511,25 @@ class SegmentWidget(QWidget):
 
 def _is_ours(layer: Any) -> bool:
     return (layer.metadata or {}).get(RESULT_KEY) is not None
+
+
+def plane_labels(layer: Any) -> list[str] | None:
+    """The plane each array axis of a 3-D layer stacks (``["sagittal", "axial", "coronal"]``...)."""
+    from .._napari_layers import geometry_from_layer
+    from ..orientation import plane_array_axis
+
+    try:
+        geometry = geometry_from_layer(layer, layer.data.shape)
+        return [p.value for p in sorted(Plane, key=lambda p: plane_array_axis(geometry, p))]
+    except (SpinesegError, ValueError, KeyError):
+        return None
+
+
+def overall_progress(fraction: float, elapsed_s: float) -> str:
+    """``"42 % — about 1 min 20 s left"`` from the overall fraction done and the time spent."""
+    percent = f"{100 * min(max(fraction, 0.0), 1.0):.0f} %"
+    if fraction <= 0.02 or elapsed_s < 1.0:
+        return percent
+    left = max(elapsed_s * (1.0 - fraction) / fraction, 0.0)
+    minutes, seconds = divmod(round(left), 60)
+    return f"{percent} — about {minutes} min {seconds:02d} s left" if minutes else f"{percent} — about {seconds} s left"

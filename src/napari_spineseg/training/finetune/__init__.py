@@ -72,6 +72,7 @@ Layout (one module per section; every public name is re-exported here)
 from .cases import case_record, cases_from_base_metadata, fixed_validation_ids, load_case_record
 from .config import MAX_LABEL_VALUE, CorrectionPair, FinetuneConfig, FinetuneResult
 from .dataset import FinetuneDataset, build_finetune_dataset
+from .evaluation import fixed_cache_path
 from .regularisers import ReplayDistillation, WeightAnchor, lr_param_groups
 from .run import finetune, run_finetune, select_step
 from .saving import (
@@ -110,6 +111,7 @@ __all__ = [
     "correction_targets",
     "finetune",
     "finetuned_output_path",
+    "fixed_cache_path",
     "fixed_validation_ids",
     "forgetting",
     "forgetting_beyond_limit",

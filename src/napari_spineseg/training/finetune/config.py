@@ -111,6 +111,7 @@ class FinetuneConfig:
     reference_from_base: int = 2  # without reference_cases: replay up to N recorded base cases
     fixed_validation_limit: int = 4  # cases taken from the base's validation set (first round)
     replace_fixed_validation: bool = False  # allow a different fixed set than the base's
+    measure_forgetting: bool = True  # measure the fixed set (False: faster, forgetting is not measured)
     eval_batch_size: int = 16
     num_workers: int = 0
     num_threads: int | None = None  # torch CPU threads (None: torch's default; 1 is best on a busy CPU)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import json
 import logging
+import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,11 +39,12 @@ def evaluate_cases(
     settings,
     cancel: threading.Event | None = None,
     keep_predictions: bool = False,
-) -> tuple[dict[str, float], dict[str, dict[str, float]], list[np.ndarray]]:
+) -> Generator[float, None, tuple[dict[str, float], dict[str, dict[str, float]], list[np.ndarray]]]:
     """(mean Dice per class name, per-case Dice, predictions) of ``network`` on whole ``cases``.
 
-    Dice is computed over each case's truth region for its known classes; a class absent from
-    both the truth and the prediction in that region is not scored.
+    A generator: yields the number of cases done so far (fractional within a case, for progress)
+    and returns the figures.  Dice is computed over each case's truth region for its known
+    classes; a class absent from both the truth and the prediction in that region is not scored.
     """
     from ...inference import Predictor
     from ...metrics import dice_score
@@ -48,10 +55,18 @@ def evaluate_cases(
     predictions: list[np.ndarray] = []
     try:
         predictor.load(LoadedModel(network, metadata, None))
-        for case in cases:
+        for number, case in enumerate(cases):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("fine-tuning cancelled")
-            pred = predictor.predict(case.image, cancel).labels.array
+            run = predictor.run(case.image, cancel)
+            while True:
+                try:
+                    event = next(run)
+                except StopIteration as stop:
+                    pred = stop.value.labels.array
+                    break
+                yield number + float(getattr(event, "fraction", 0.0) or 0.0)
+            yield float(number + 1)
             if keep_predictions:
                 predictions.append(pred)
             region = case.truth != IGNORE
@@ -69,3 +84,71 @@ def evaluate_cases(
         values = [s[label] for s in per_case.values() if label in s]
         means[label] = round(float(np.mean(values)), 5)
     return means, per_case, predictions
+
+
+def reporting(
+    evaluation: Generator[float, None, Any], status: Callable[[str], Any], what: str, offset: int, count: int
+) -> Generator[Any, None, Any]:
+    """:func:`evaluate_cases`' progress as ``status`` events ("<what>: 45 % (study 2 of 5)"); returns its result."""
+    shown = -1
+    while True:
+        try:
+            done = next(evaluation)
+        except StopIteration as stop:
+            return stop.value
+        percent = int(100 * (offset + done) / max(count, 1))
+        if percent >= shown + 5 or (percent == 100 and shown != 100):
+            shown = percent
+            study = min(offset + int(done) + 1, count)
+            yield status(f"{what}: {percent} % (study {study} of {count})")
+
+
+# Cache of the base models' fixed-set figures ---------------------------------------------------------
+def fixed_cache_path() -> Path:
+    """Where the base models' fixed-set figures are cached (keyed by the model's tensor digest)."""
+    from ...modelfile import user_model_dir
+
+    return user_model_dir() / "cache" / "fixed-validation.json"
+
+
+def fixed_cache_key(digest: str, cases: Sequence[EvalCase], names: Mapping[int, str], settings: Any) -> str:
+    """The cache key of a base model's figures on ``cases`` with the inference ``settings``."""
+    known = {int(v) for c in cases for v in c.known}
+    record = {
+        "digest": digest,
+        "cases": [[c.name, sorted(int(v) for v in c.known), list(c.image.array.shape)] for c in cases],
+        "names": {str(k): v for k, v in sorted(names.items()) if int(k) in known},
+        "planes": [str(getattr(p, "value", p)) for p in settings.planes],
+        "postprocess": bool(settings.postprocess),
+        "device": str(settings.device),
+        "precision": str(settings.precision),
+    }
+    return hashlib.sha256(repr(sorted(record.items())).encode()).hexdigest()
+
+
+def read_fixed_cache(key: str) -> tuple[dict[str, float], dict[str, dict[str, float]]] | None:
+    """The cached (means, per-case) figures of ``key``, or None."""
+    try:
+        entry = json.loads(fixed_cache_path().read_text(encoding="utf-8")).get(key)
+        return (dict(entry["means"]), dict(entry["cases"])) if entry else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_fixed_cache(key: str, means: Mapping[str, float], cases: Mapping[str, Any]) -> None:
+    """Remember a base model's fixed-set figures (atomic write; at most 50 entries; failures only logged)."""
+    path = fixed_cache_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = {"means": dict(means), "cases": dict(cases), "saved": _dt.datetime.now().isoformat()}
+    data = dict(list(data.items())[-50:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".json.part")
+        temp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as error:
+        logger.warning("cannot cache the fixed-set figures in %s: %s", path, error)

@@ -26,7 +26,14 @@ from .cases import case_record, cases_from_base_metadata, load_case_record
 from .classes import finetune_classes, index_case, index_lut
 from .config import CorrectionPair, FinetuneConfig, FinetuneResult
 from .dataset import build_finetune_dataset
-from .evaluation import EvalCase, evaluate_cases
+from .evaluation import (
+    EvalCase,
+    evaluate_cases,
+    fixed_cache_key,
+    read_fixed_cache,
+    reporting,
+    write_fixed_cache,
+)
 from .regularisers import ReplayDistillation, WeightAnchor, combine_hooks, freeze_input_stages, lr_param_groups, thaw
 from .saving import carried_gate
 from .surgery import freeze_batchnorm, fuse_new_rows, grow_head, probe_new_rows, speed_up_new_rows, unfreeze_batchnorm
@@ -245,6 +252,9 @@ class FinetuneRun:
         for pair, name, target in zip(self.pairs, self.names, self.targets):
             known = pair.known_classes if pair.known_classes is not None else model_values - {0}
             self.correction_eval.append(EvalCase(name, pair.image, target.labels, {int(v) for v in known} - {0}))
+        if not config.measure_forgetting and self.fixed_eval:
+            self.warnings.append("forgetting is not measured: the fixed validation set was skipped")
+            self.fixed_eval = []
 
     def eval_metadata(self, network, model_classes: list[LabelClass]) -> ModelMetadata:
         """The base model's metadata for ``network`` with ``model_classes`` (no post-processing)."""
@@ -256,14 +266,31 @@ class FinetuneRun:
             base_meta, classes=list(model_classes), architecture_kwargs=kwargs, postprocess={}, planes=list(self.planes)
         )
 
-    def evaluate(self, network, model_classes, keep: bool = False) -> tuple[dict[str, Any], list]:
-        """Dice on the fixed set and on the corrected studies (and, with ``keep``, the predictions)."""
+    def evaluate(
+        self, network, model_classes, what: str, step: int = 0, keep: bool = False, cache: str | None = None
+    ) -> Generator[TrainEvent, None, tuple[dict[str, Any], list]]:
+        """Dice on the fixed set and on the corrected studies (and, with ``keep``, the predictions).
+
+        A generator of status events with the progress ("<what>: 45 % (study 2 of 5)"); with
+        ``cache`` (a key), the fixed-set figures are reused from or stored in the cache."""
         meta = self.eval_metadata(network, model_classes)
         names, settings, cancel = self.class_names, self.settings, self.cancel
-        fixed_means, fixed_cases, _ = evaluate_cases(network, meta, self.fixed_eval, names, settings, cancel)
-        corr_means, corr_cases, preds = evaluate_cases(
-            network, meta, self.correction_eval, names, settings, cancel, keep
-        )
+        count = len(self.fixed_eval) + len(self.correction_eval)
+
+        def status(message: str) -> TrainEvent:
+            return self.status(message, step)
+
+        cached = read_fixed_cache(cache) if cache and self.fixed_eval else None
+        if cached is not None:
+            fixed_means, fixed_cases = cached
+            yield status(f"{what}: fixed-set figures of this model reused (cached)")
+        else:
+            fixed = evaluate_cases(network, meta, self.fixed_eval, names, settings, cancel)
+            fixed_means, fixed_cases, _ = yield from reporting(fixed, status, what, 0, count)
+            if cache and self.fixed_eval:
+                write_fixed_cache(cache, fixed_means, fixed_cases)
+        corrected = evaluate_cases(network, meta, self.correction_eval, names, settings, cancel, keep)
+        corr_means, corr_cases, preds = yield from reporting(corrected, status, what, len(self.fixed_eval), count)
         record = {
             "fixed_validation": fixed_means,
             "corrections": corr_means,
@@ -288,10 +315,14 @@ class FinetuneRun:
             self.warnings,
         )
 
-    def measure_before(self) -> list | None:
+    def measure_before(self) -> Generator[TrainEvent, None, list | None]:
         """Dice of the base model (its predictions on the corrected studies), None when cancelled."""
+        key = fixed_cache_key(self.base_digest, self.fixed_eval, self.class_names, self.settings)
+        classes = list(self.base_meta.classes)
         try:
-            self.before, base_predictions = self.evaluate(self.base_network, list(self.base_meta.classes), keep=True)
+            self.before, base_predictions = yield from self.evaluate(
+                self.base_network, classes, "measuring the base model", keep=True, cache=key
+            )
         except Cancelled:
             return None
         if self.cancel is not None and self.cancel.is_set():
@@ -425,11 +456,13 @@ class FinetuneRun:
         groups = lr_param_groups(network, float(config.encoder_lr_scale), float(config.decoder_lr_scale))
         return combine_hooks(distill, anchor), groups
 
-    def on_validation(self, event: TrainEvent) -> TrainEvent | None:
-        """Evaluate at a validation of the loop (fixed set and corrections); the event to pass on."""
+    def on_validation(self, event: TrainEvent) -> Generator[TrainEvent, None, TrainEvent | None]:
+        """Evaluate at a validation of the loop (fixed set and corrections), yielding progress;
+        returns the event to pass on."""
         network = self.network
+        measuring = time.perf_counter()
         try:
-            record, _ = self.evaluate(network, self.classes)
+            record, _ = yield from self.evaluate(network, self.classes, f"measuring step {event.step}", event.step)
         except Cancelled:
             return None  # the loop stops at its next step
         self.last_eval = (event.step, record)
@@ -448,7 +481,12 @@ class FinetuneRun:
                 "seconds": round(self.seconds(), 1),
             }
         )
-        return dataclasses.replace(event, val_dice=flat, val_mean=float(np.mean(list(flat.values()))) if flat else None)
+        return dataclasses.replace(
+            event,
+            val_dice=flat,
+            val_mean=float(np.mean(list(flat.values()))) if flat else None,
+            message=f"step {event.step}: measured in {time.perf_counter() - measuring:.1f} s",
+        )
 
     def train(self) -> Generator[TrainEvent, None, Any]:
         """Run the one training loop (:func:`~napari_spineseg.training.loop.train`); returns its result."""
@@ -469,7 +507,7 @@ class FinetuneRun:
         try:
             for event in events:
                 if event.kind == "validation":
-                    passed = self.on_validation(event)
+                    passed = yield from self.on_validation(event)
                     if passed is not None:
                         yield passed
                 elif event.kind == "done":
@@ -530,7 +568,9 @@ class FinetuneRun:
             return self.last_eval[1]
         yield self.status("measuring the fine-tuned model", outcome.steps)
         try:
-            after, _ = self.evaluate(outcome.network, self.classes)
+            after, _ = yield from self.evaluate(
+                outcome.network, self.classes, "measuring the fine-tuned model", outcome.steps
+            )
         except Cancelled:
             return None
         return after
@@ -682,7 +722,7 @@ class FinetuneRun:
         yield self.status(
             f"measuring the base model on {len(self.fixed_eval)} fixed and {len(self.pairs)} corrected studies"
         )
-        base_predictions = self.measure_before()
+        base_predictions = yield from self.measure_before()
         if base_predictions is None:
             return self.cancelled_result(self.base_network, 0, [])
         yield from self.grow_head(base_predictions)
