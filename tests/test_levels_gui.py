@@ -26,7 +26,7 @@ def test_segment_widget_adds_a_levels_layer_or_says_why_not(make_napari_viewer) 
     levels = identify_levels(phantom.labels)
     layers = {"levels": build_layer(*levels_layer_data(levels, "x"))}
     run = _Run("study", threading.Event(), None)
-    for _ in widget._show_levels(run, _Output(None, [], (), None, layers, levels)):
+    for _ in widget._show_levels(run, _Output(None, [], (), None, layers, levels=levels)):
         pass
     layer = viewer.layers["study levels"]
     assert layer.visible and LEVELS_KEY in layer.metadata
@@ -34,7 +34,7 @@ def test_segment_widget_adds_a_levels_layer_or_says_why_not(make_napari_viewer) 
     assert "levels T10–S1" in widget.status.text()
     # A second, uncertain result removes the stale layer and says why.
     uncertain = mark_uncertain(levels, "checked by hand")
-    for _ in widget._show_levels(run, _Output(None, [], (), None, {}, uncertain)):
+    for _ in widget._show_levels(run, _Output(None, [], (), None, {}, levels=uncertain)):
         pass
     assert "study levels" not in [lay.name for lay in viewer.layers]
     assert "levels uncertain: checked by hand" in widget.status.text()
