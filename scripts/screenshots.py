@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import napari
 
-    from napari_spineseg.widgets._shared import show_plane
+    from napari_spineseg.widgets._views import show_plane
 
     viewer = napari.Viewer(title="napari-spineseg", show=True)
     viewer.window._qt_window.resize(1600, 1000)

@@ -122,7 +122,7 @@ def test_interpolation_never_overwrites_painting_and_refuses_a_stale_preview(set
 
 
 def test_on_a_segment_result_the_fill_keeps_the_model_far_from_painted_slices(setup) -> None:
-    from napari_spineseg.widgets._shared import PREDICTION_KEY
+    from napari_spineseg.widgets._layer_data import PREDICTION_KEY
 
     _, widget, layer, disc, _, _ = setup
     extent = np.flatnonzero(disc.any(axis=(1, 2)))

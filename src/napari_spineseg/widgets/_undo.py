@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..interpolation import LabelChange
-from ._shared import PREDICTION_KEY
+from ._layer_data import PREDICTION_KEY
 
 logger = logging.getLogger(__name__)
 

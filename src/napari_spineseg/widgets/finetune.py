@@ -29,26 +29,11 @@ from qtpy.QtWidgets import (
 from ..errors import SpinesegError
 from ._chart import TrainingChart
 from ._finetune_job import dice_table, label_values, preview_classes, save_result, start_finetune
-from ._shared import (
-    LAYER_MODULES,
-    PREDICTION_KEY,
-    RESULT_KEY,
-    LayerCombo,
-    ModelCombo,
-    Outcome,
-    fill_table,
-    fit_height,
-    layer_volume,
-    load_settings,
-    model_classes,
-    models_changed,
-    notify_error,
-    notify_info,
-    save_settings,
-    scrolling_layout,
-    start_job,
-    warm_up,
-)
+from ._jobs import LAYER_MODULES, Outcome, notify_error, notify_info, start_job, warm_up
+from ._layer_data import PREDICTION_KEY, RESULT_KEY, layer_volume
+from ._panels import fill_table, fit_height, scrolling_layout
+from ._pickers import LayerCombo, ModelCombo, model_classes, models_changed
+from ._settings import load_settings, save_settings
 from .review import fit_width
 
 

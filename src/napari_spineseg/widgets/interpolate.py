@@ -25,18 +25,12 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import SpinesegError
+from ._jobs import Outcome, in_event_loop_turns, notify_error, start_job
+from ._layer_data import PREDICTION_KEY, is_kind
 from ._layers import add_in_turns, build_layer
-from ._shared import (
-    PLANE_NAMES,
-    PREDICTION_KEY,
-    LayerCombo,
-    Outcome,
-    in_event_loop_turns,
-    is_kind,
-    notify_error,
-    start_job,
-)
+from ._pickers import LayerCombo
 from ._undo import apply_change, paint_tracker, painted_mask
+from ._views import PLANE_NAMES
 
 PREVIEW_KEY = "spineseg_interpolation_preview"
 

@@ -21,20 +21,11 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import SpinesegError
-from ._shared import (
-    PLANE_NAMES,
-    RESULT_KEY,
-    LayerCombo,
-    Outcome,
-    fill_table,
-    is_kind,
-    layer_volume,
-    notify_error,
-    notify_info,
-    scrolling_layout,
-    show_plane,
-    start_job,
-)
+from ._jobs import Outcome, notify_error, notify_info, start_job
+from ._layer_data import RESULT_KEY, is_kind, layer_volume
+from ._panels import fill_table, scrolling_layout
+from ._pickers import LayerCombo
+from ._views import PLANE_NAMES, show_plane
 
 
 def review_job(array: np.ndarray, geometry: Any, classes: list):

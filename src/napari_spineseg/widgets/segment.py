@@ -15,32 +15,14 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabe
 from ..errors import SpinesegError
 from ..orientation import Plane
 from ..volume import Volume
+from ._jobs import LAYER_MODULES, Outcome, in_event_loop_turns, notify_error, notify_info, start_job, warm_up
+from ._layer_data import PREDICTION_KEY, RESULT_KEY, checksum, is_kind, layer_volume, unique_layer_name
 from ._layers import add_in_turns, prepare_layers, replace_in_turns
-from ._shared import (
-    LAYER_MODULES,
-    PLANE_NAMES,
-    PREDICTION_KEY,
-    RESULT_KEY,
-    LayerCombo,
-    ModelCombo,
-    Outcome,
-    checksum,
-    in_event_loop_turns,
-    is_kind,
-    layer_volume,
-    legend_html,
-    legend_label,
-    load_settings,
-    model_classes,
-    notify_error,
-    notify_info,
-    save_settings,
-    show_plane,
-    start_job,
-    unique_layer_name,
-    warm_up,
-)
+from ._panels import legend_html, legend_label
+from ._pickers import LayerCombo, ModelCombo, model_classes
+from ._settings import load_settings, save_settings
 from ._threads import gui_friendly_torch
+from ._views import PLANE_NAMES, show_plane
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FUSIONS = ("mean", "weighted", "vote")
