@@ -69,7 +69,7 @@ def test_review_renumbers_levels_up_and_down_round_trip_and_exports_follow(revie
 
     from napari_spineseg.levels import read_levels
 
-    viewer, review, labels, levels = reviewed
+    _viewer, review, labels, levels = reviewed
     before, names = np.array(levels.data, copy=True), _names(levels)
     assert "L3" in names and "S1" in names
     review.renumber_levels(-1)  # "Levels up one": L3 -> L2, S1 -> L5
@@ -98,7 +98,7 @@ def test_review_marks_levels_uncertain_and_says_why(reviewed, tmp_path) -> None:
 
     from napari_spineseg.levels import read_levels
 
-    viewer, review, labels, levels = reviewed
+    _viewer, review, _labels, levels = reviewed
     review.uncertain_button.click()
     assert not np.any(levels.data) and _names(levels) == []
     assert levels.metadata[LEVELS_KEY]["uncertain"]
@@ -113,7 +113,7 @@ def test_review_marks_levels_uncertain_and_says_why(reviewed, tmp_path) -> None:
 
 
 def test_review_table_lists_levels_and_goes_to_a_level(reviewed) -> None:
-    viewer, review, labels, levels = reviewed
+    viewer, review, labels, _levels = reviewed
     review.refresh(sync=True)
     table = review.level_table
     names = [table.item(row, 0).text() for row in range(table.rowCount())]

@@ -356,7 +356,8 @@ class ReviewWidget(QWidget):
             return None
         index = go_to_level(self.viewer, levels[0], levels[1], item.text())
         if index is None:
-            notify_error(f"{item.text()} is not a named level (levels uncertain: {levels[1].reason})")
+            why = "" if levels[1].named else f" (levels uncertain: {levels[1].reason})"
+            notify_error(f"{item.text()} is not a named level{why}")
         return index
 
     def renumber_levels(self, shift: int) -> None:
