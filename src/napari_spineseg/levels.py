@@ -43,6 +43,7 @@ __all__ = [
     "mark_uncertain",
     "read_levels",
     "renumber",
+    "result_from_record",
     "sidecar_path",
     "write_levels",
 ]
@@ -606,18 +607,26 @@ def read_levels(path: str | os.PathLike) -> LevelResult:
         raise VolumeReadError(f"{sidecar}: the level map's JSON sidecar is missing") from None
     except (OSError, ValueError) as error:
         raise VolumeReadError(f"{sidecar}: not a readable levels sidecar ({error})") from None
+    try:
+        return result_from_record(record, volume.array, volume.geometry)
+    except InputError as error:
+        raise VolumeReadError(f"{sidecar}: {error}") from None
+
+
+def result_from_record(record: Any, level_map: np.ndarray, geometry: Geometry | None = None) -> LevelResult:
+    """A :class:`LevelResult` from its JSON record (:func:`result_record`) and level map (the sidecar
+    and the map of :func:`write_levels`, or a napari levels layer's metadata and data)."""
     if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
-        raise VolumeReadError(f"{sidecar}: not a spineseg levels sidecar")
+        raise InputError("not a spineseg levels sidecar")
     try:
         instances = [
             LevelInstance(**{**item, "centroid": tuple(item["centroid"])}) for item in record.get("instances", [])
         ]
         status, reason = str(record["status"]), str(record["reason"])
     except (KeyError, TypeError) as error:
-        raise VolumeReadError(f"{sidecar}: incomplete levels sidecar ({error})") from None
-    return LevelResult(
-        np.asarray(volume.array), instances, status, reason, volume.geometry, _instance_map(volume.array, instances)
-    )
+        raise InputError(f"incomplete levels sidecar ({error})") from None
+    level_map = np.asarray(level_map)
+    return LevelResult(level_map, instances, status, reason, geometry, _instance_map(level_map, instances))
 
 
 def _instance_map(level_map: np.ndarray, instances: list[LevelInstance]) -> np.ndarray | None:

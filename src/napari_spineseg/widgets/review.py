@@ -42,15 +42,49 @@ def compare_job(pred: Any, truth: Any, names: dict[int, str]):
     return evaluate_volumes(pred, truth, class_names=names)
 
 
-def export_job(array: np.ndarray, geometry: Any, path: str, metadata: dict | None = None, name: str = "labels"):
+def export_job(
+    array: np.ndarray,
+    geometry: Any,
+    path: str,
+    metadata: dict | None = None,
+    name: str = "labels",
+    levels: Any = None,
+):
+    """Write the labels (a levels layer: its level map and JSON sidecar, or one DICOM segment per
+    level); ``levels`` (the reviewed layer's corrected LevelResult) goes beside as ``<name>_levels``."""
     from ..io import write_labels
 
     yield "export"
+    if levels is not None and not str(path).lower().endswith(".dcm"):
+        from ..io import strip_suffix, volume_suffix
+        from ..levels import write_levels
+
+        beside = Path(path).with_name(f"{strip_suffix(path)}_levels{volume_suffix(path)}")
+        write_levels(levels, beside, geometry)
     if str(path).lower().endswith(".dcm"):  # a DICOM Segmentation of the layer's source series
         from .._writer import dicom_seg_from_layer
 
         return dicom_seg_from_layer(path, array, metadata or {}, geometry, name)
     return write_labels(array, path, geometry)
+
+
+def export_levels_job(levels: Any, path: str, metadata: dict, name: str):
+    """A (corrected) level map: NIfTI/MHA/NRRD plus its JSON sidecar, or a DICOM-SEG of the study."""
+    from ..levels import write_levels, write_levels_dicom_seg
+
+    yield "export"
+    if str(path).lower().endswith(".dcm"):
+        from ..dicomseg import NOT_DICOM_MESSAGE
+        from ..errors import InputError
+        from ..volume import Volume
+
+        files, source = metadata.get("dicom_files"), metadata.get("source")
+        if not files and not source:
+            raise InputError(f"{name}: {NOT_DICOM_MESSAGE}; this layer records no source study")
+        series = Volume(levels.level_map, levels.geometry, metadata={"dicom_files": files}) if files else source
+        return str(write_levels_dicom_seg(levels, series, path))
+    write_levels(levels, path, levels.geometry)
+    return str(path)
 
 
 def _table(parent: QWidget) -> QTableWidget:
@@ -121,6 +155,7 @@ class ReviewWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.review: Any = None
+        self._measured: Any = None  # the last LabelReview as measured (before level names)
         self.comparison: list = []
         self.exported: Path | None = None
         self._ranking: dict[tuple[Any, str], tuple[np.ndarray, np.ndarray, int]] = {}
@@ -137,6 +172,21 @@ class ReviewWidget(QWidget):
         self.lesion_label.setWordWrap(True)
         self.class_table = _table(self)
         self.level_table = _table(self)
+        self.level_table.cellClicked.connect(lambda row, _col: self.go_to_level(row))
+        self.level_note = QLabel("", self)  # how the levels were named (anatomically or counted)
+        self.level_note.setWordWrap(True)
+        self.goto_button = QPushButton("Go to level", self)
+        self.goto_button.setToolTip("Move the sliders to the chosen level (or click a row)")
+        self.goto_button.clicked.connect(lambda: self.go_to_level())
+        self.up_button = QPushButton("Levels up one", self)
+        self.up_button.setToolTip("Every level name one level up the spine (L3 → L2, S1 → L5)")
+        self.up_button.clicked.connect(lambda: self.renumber_levels(-1))
+        self.down_button = QPushButton("Levels down one", self)
+        self.down_button.setToolTip("Every level name one level down the spine (L2 → L3, L5 → S1)")
+        self.down_button.clicked.connect(lambda: self.renumber_levels(+1))
+        self.uncertain_button = QPushButton("Mark levels uncertain", self)
+        self.uncertain_button.setToolTip("Remove every level name: the report and exports say 'levels uncertain'")
+        self.uncertain_button.clicked.connect(lambda: self.mark_levels_uncertain())
 
         self.model_combo = LayerCombo(napari_viewer, "labels", self)
         self.truth_combo = LayerCombo(napari_viewer, "labels", self)
@@ -172,7 +222,16 @@ class ReviewWidget(QWidget):
         numbers.addWidget(self.lesion_label)
         numbers.addWidget(self.class_table)
         numbers.addWidget(QLabel("Levels, superior → inferior", self))
+        numbers.addWidget(self.level_note)
         numbers.addWidget(self.level_table)
+        row = QHBoxLayout()
+        row.addWidget(self.goto_button)
+        row.addWidget(self.uncertain_button)
+        numbers.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(self.up_button)
+        row.addWidget(self.down_button)
+        numbers.addLayout(row)
         numbers.addStretch(1)
         compare = scrolling_layout(self._tab("Compare"))
         form = QFormLayout()
@@ -228,7 +287,19 @@ class ReviewWidget(QWidget):
             return
         if outcome.value is None:
             return
-        self.review = review = outcome.value
+        self._measured = outcome.value
+        self._show_review()
+
+    def _show_review(self) -> None:
+        """The measured numbers, structures named by level when the layer has a levels layer."""
+        from ..levels import name_review
+
+        review, note = self._measured, ""
+        levels = self._levels()
+        if levels is not None:
+            review, note = name_review(review, levels[1])
+        self.review = review
+        self.level_note.setText(note)
         rows = [[c.name, c.value, c.volume_ml, c.components] for c in review.classes]
         fill_table(self.class_table, ["class", "value", "mL", "parts"], rows)
         noted = any(s.note for s in review.levels)  # the "note" column only when there is one (narrow docks)
@@ -244,6 +315,78 @@ class ReviewWidget(QWidget):
         if fragments:
             lines.append(f"Small fragments, not listed as levels: {fragments}")
         self.lesion_label.setText("<br>".join(lines))
+
+    # Anatomical levels ---------------------------------------------------------------------------
+    def _levels(self, say: bool = False) -> tuple[Any, Any] | None:
+        """(levels layer, its LevelResult) of the chosen Labels layer; ``None`` when it has none."""
+        from ._levels import levels_layer_for, result_from_layer
+
+        layer = levels_layer_for(self.viewer, self.labels_combo.current_layer())
+        if layer is None:
+            if say:
+                notify_error(
+                    "No levels layer for these labels: Segment spine adds '<study> levels' when it names levels"
+                )
+            return None
+        try:
+            return layer, result_from_layer(layer)
+        except SpinesegError as error:
+            notify_error(f"{layer.name}: {error}")
+            return None
+
+    def go_to_level(self, row: int | None = None) -> tuple[int, int, int] | None:
+        """Move the sliders to the level of a table row (the selected one by default)."""
+        from ._levels import go_to_level
+
+        row = self.level_table.currentRow() if row is None else row
+        item = self.level_table.item(row, 0) if row is not None and row >= 0 else None
+        levels = self._levels(say=item is not None)
+        if item is None or levels is None:
+            if item is None:
+                notify_error("Choose a level in the table first")
+            return None
+        index = go_to_level(self.viewer, levels[0], levels[1], item.text())
+        if index is None:
+            why = "" if levels[1].named else f" (levels uncertain: {levels[1].reason})"
+            notify_error(f"{item.text()} is not a named level{why}")
+        return index
+
+    def renumber_levels(self, shift: int) -> None:
+        """Every level name ``shift`` levels down the spine (+1) or up (-1); the table, hover, legend
+        and exports follow."""
+        from ..levels import renumber
+
+        self._correct_levels(lambda result: renumber(result, shift), f"levels moved {'down' if shift > 0 else 'up'}")
+
+    def mark_levels_uncertain(self, reason: str = "marked uncertain by hand in Review") -> None:
+        """Remove every level name: the levels layer is emptied and the exports say why."""
+        from ..levels import mark_uncertain
+
+        self._correct_levels(lambda result: mark_uncertain(result, reason), "levels uncertain")
+
+    def _correct_levels(self, change: Any, what: str) -> None:
+        from ._levels import apply_result
+
+        levels = self._levels(say=True)
+        if levels is None:
+            return
+        layer, result = levels
+        try:
+            corrected = change(result)
+        except SpinesegError as error:
+            self.status.setText(f"Levels not changed: {error}")
+            notify_error(str(error))
+            return
+        changed = apply_result(layer, corrected)
+        if corrected.named:
+            names = [i.name for i in corrected.instances if i.kind == "body" and i.name]
+            summary = f"{what}: {names[0]}–{names[-1]}" if names else what
+        else:
+            summary = f"levels uncertain: {corrected.reason}"
+        self.status.setText(f"{layer.name}: {summary} ({changed} voxels; Ctrl+Z on the layer undoes the map)")
+        notify_info(self.status.text())
+        if self._measured is not None:
+            self._show_review()
 
     # Model vs corrected ------------------------------------------------------------------------
     def compare(self, sync: bool = False) -> None:
@@ -368,7 +511,13 @@ class ReviewWidget(QWidget):
             return
         self.export_button.setEnabled(False)
         metadata = dict(layer.metadata or {})
-        job = partial(export_job, np.array(volume.array, copy=True), volume.geometry, str(path), metadata, layer.name)
+        levels = self._levels()  # the corrected levels go with every export
+        if levels is not None and levels[0] is layer:
+            job = partial(export_levels_job, levels[1], str(path), metadata, layer.name)
+        else:
+            array = np.array(volume.array, copy=True)
+            result = None if levels is None else levels[1]
+            job = partial(export_job, array, volume.geometry, str(path), metadata, layer.name, result)
         start_job(job, "export", lambda _: None, partial(self._on_export, layer.name), sync=sync)
 
     def _on_export(self, name: str, outcome: Outcome) -> None:
