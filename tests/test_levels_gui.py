@@ -129,6 +129,6 @@ def test_review_table_lists_levels_and_goes_to_a_level(reviewed) -> None:
 
 
 def layer_volume_of(layer):
-    from napari_spineseg.widgets._shared import layer_volume
+    from napari_spineseg.widgets._layer_data import layer_volume
 
     return layer_volume(layer)

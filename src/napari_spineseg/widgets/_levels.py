@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._napari_layers import LEVELS_KEY, geometry_from_layer, levels_layer_data
-from ._shared import RESULT_KEY, is_kind
+from ._layer_data import RESULT_KEY, is_kind
 
 
 def is_levels_layer(layer: Any) -> bool:
