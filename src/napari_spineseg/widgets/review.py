@@ -34,6 +34,7 @@ from ._shared import (
     show_plane,
     start_job,
 )
+from .adapt import AdaptPanel
 
 
 def review_job(array: np.ndarray, geometry: Any, classes: list):
@@ -138,6 +139,8 @@ class ReviewWidget(QWidget):
         uncertainty.addWidget(self.next_button)
         uncertainty.addWidget(self.uncertainty_label)
         uncertainty.addStretch(1)
+        self.adapt_panel = AdaptPanel(napari_viewer, self.labels_combo, self.tabs)  # issue 16: apply corrections
+        self.tabs.addTab(self.adapt_panel, "Corrections")
 
     def _tab(self, title: str) -> QWidget:
         page = QWidget(self.tabs)
