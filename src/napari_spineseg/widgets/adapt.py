@@ -16,7 +16,7 @@ import numpy as np
 from qtpy.QtWidgets import QFormLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..errors import SpinesegError
-from ._shared import RESULT_KEY, LayerCombo, Outcome, layer_volume, notify_error, start_job
+from ._shared import RESULT_KEY, LayerCombo, Outcome, is_kind, layer_volume, notify_error, start_job
 from ._undo import apply_change, paint_tracker, painted_mask
 
 DEFAULT_MODEL = "spineseg-default"
@@ -78,6 +78,14 @@ class AdaptPanel(QWidget):
         layout.addWidget(self.button)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        self._track_all()  # painting is recorded from now on (adaptation must never overwrite it)
+        napari_viewer.layers.events.inserted.connect(self._track_all)
+        self.destroyed.connect(lambda *_: napari_viewer.layers.events.inserted.disconnect(self._track_all))
+
+    def _track_all(self, *_: Any) -> None:
+        for layer in self.viewer.layers:
+            if is_kind(layer, "labels") and getattr(layer.data, "ndim", 0) == 3:
+                paint_tracker(layer)
 
     def apply_corrections(self, sync: bool = False) -> None:
         """Start the adaptation on the chosen study and Labels layer (in a thread worker)."""
