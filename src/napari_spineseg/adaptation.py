@@ -104,6 +104,7 @@ class AdaptationResult:
     steps: int = 0
     seconds: float = 0.0
     cancelled: bool = False
+    prediction: np.ndarray | None = None  # the adapted network's own re-segmentation (painted voxels too)
 
 
 def _detect_plane(painted: np.ndarray, geometry) -> Plane:
@@ -200,7 +201,7 @@ def adapt_to_study(
     yield TrainEvent(
         "done", outcome.steps, total, 0, message=f"adapted in {outcome.steps} steps; {change.size} voxels change"
     )
-    return AdaptationResult(merged, change, run.plane, run.slices, outcome.steps, seconds)
+    return AdaptationResult(merged, change, run.plane, run.slices, outcome.steps, seconds, prediction=predicted)
 
 
 def run_adaptation(*args: Any, **kwargs: Any) -> AdaptationResult:
