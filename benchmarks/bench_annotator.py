@@ -22,10 +22,16 @@ For each patient-held-out study (the bundled model's validation patients, never 
 Strategies: ``paint-only`` (no help), ``interpolation`` (shape-based between consecutive painted
 slices, :mod:`napari_spineseg.interpolation`) and ``interpolation+model`` (the same, blended into
 the model's own shapes with distance from the painted slices: what the dock widget does on a
-Segment result).  Adding one is one function in
-:data:`STRATEGIES` (study adaptation and fine-tuning are TODO hooks, done elsewhere).
+Segment result); ``adaptation`` ("Apply my corrections to this study":
+:mod:`napari_spineseg.adaptation`, a short run of the fine-tuning engine on the painted slices,
+then re-segmentation of the unpainted voxels), ``adaptation+interpolation`` (adaptation, then
+interpolation+model on its result) and ``fine-tuning`` (the Fine-tune widget's run: replay,
+distillation, slow encoder, ``FINETUNE_STEPS`` steps, no fixed-set selection; then
+re-segmentation).  The last three (:data:`SLOW`) train a network every round: ``--slow-rounds``
+(default 5) limits them.  Adding a strategy is one function in :data:`STRATEGIES`.
 
-``--quick``: a small phantom, 3 rounds, every strategy and picker — seconds (tests/test_annotator_bench.py).
+``--quick``: a small phantom, 3 rounds, every strategy and picker (the slow ones: the worst-slice
+picker, 2 rounds, 3 steps) — about a minute (tests/test_annotator_bench.py).
 
 Last full run (VB3-01/02/04/05 bodies, IVD-11 discs; mean whole-study Dice, model alone 0.885):
 after 10 painted slices, paint-only 0.910 (Review widget's picker) / 0.904 (spread) / 0.917 (oracle);

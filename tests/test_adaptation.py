@@ -9,6 +9,7 @@ import pytest
 
 from napari_spineseg.adaptation import AdaptConfig, adaptation_targets, run_adaptation
 from napari_spineseg.errors import InputError
+from napari_spineseg.interpolation import next_slice_to_paint
 from napari_spineseg.metrics import dice_score
 from napari_spineseg.orientation import Plane, plane_array_axis
 from napari_spineseg.phantom import make_phantom
@@ -91,18 +92,19 @@ def test_adaptation_improves_the_unpainted_slices_of_a_real_study(data_dir) -> N
     (case,) = load_lumbar_dataset(data_dir / "lumbar-mri", ("VB3",), cases=["VB3-01"])
     truth = np.asarray(case.labels.array)
     axis = plane_array_axis(case.image.geometry, Plane.SAGITTAL)
-    predictor = Predictor(SegmentationSettings())
+    predictor = Predictor(SegmentationSettings(uncertainty="entropy"))
     predictor.load("spineseg-default")
-    prediction = predictor.predict(case.image).labels.array
-    other = tuple(a for a in range(3) if a != axis)
-    extent = np.flatnonzero((truth == VERTEBRAL_BODY).any(axis=other))
-    chosen = [int(np.percentile(extent, q)) for q in (25, 50, 75)]
+    predicted = predictor.predict(case.image)
+    prediction = predicted.labels.array
+    chosen: list[int] = []
+    for _ in range(3):  # the spread-out uncertainty proposal, as in benchmarks/bench_annotator.py
+        chosen.append(next_slice_to_paint(predicted.uncertainty.array, axis, chosen, spread=4.0))
     span = truth != IGNORE
     truth_span = np.where(span, truth, 0)
     labels = prediction.copy()
     painted = _paint(labels, np.where(span, truth, labels), axis, chosen)
     digest = _digest(labels[painted])
-    result = run_adaptation("spineseg-default", case.image, labels, painted, AdaptConfig(num_threads=2))
+    result = run_adaptation("spineseg-default", case.image, labels, painted, AdaptConfig(num_threads=1))
     assert _digest(result.labels[painted]) == digest
     rest = np.ones(truth.shape[axis], bool)
     rest[chosen] = False
@@ -111,4 +113,4 @@ def test_adaptation_improves_the_unpainted_slices_of_a_real_study(data_dir) -> N
     def body_dice(array: np.ndarray) -> float:
         return dice_score((array[key] == VERTEBRAL_BODY) & span[key], truth_span[key] == VERTEBRAL_BODY)
 
-    assert body_dice(result.labels) > body_dice(labels) + 0.005  # measured: 0.872 -> 0.888
+    assert body_dice(result.labels) > body_dice(labels) + 0.005  # measured: 0.872 -> 0.887 (+1.4 points)
