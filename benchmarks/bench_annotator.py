@@ -22,10 +22,16 @@ For each patient-held-out study (the bundled model's validation patients, never 
 Strategies: ``paint-only`` (no help), ``interpolation`` (shape-based between consecutive painted
 slices, :mod:`napari_spineseg.interpolation`) and ``interpolation+model`` (the same, blended into
 the model's own shapes with distance from the painted slices: what the dock widget does on a
-Segment result).  Adding one is one function in
-:data:`STRATEGIES` (study adaptation and fine-tuning are TODO hooks, done elsewhere).
+Segment result); ``adaptation`` ("Apply my corrections to this study":
+:mod:`napari_spineseg.adaptation`, a short run of the fine-tuning engine on the painted slices,
+then re-segmentation of the unpainted voxels), ``adaptation+interpolation`` (adaptation, then
+interpolation+model on its result) and ``fine-tuning`` (the Fine-tune widget's run: replay,
+distillation, slow encoder, ``FINETUNE_STEPS`` steps, no fixed-set selection; then
+re-segmentation).  The last three (:data:`SLOW`) train a network every round: ``--slow-rounds``
+(default 5) limits them.  Adding a strategy is one function in :data:`STRATEGIES`.
 
-``--quick``: a small phantom, 3 rounds, every strategy and picker — seconds (tests/test_annotator_bench.py).
+``--quick``: a small phantom, 3 rounds, every strategy and picker (the slow ones: the worst-slice
+picker, 2 rounds, 3 steps) — about a minute (tests/test_annotator_bench.py).
 
 Last full run (VB3-01/02/04/05 bodies, IVD-11 discs; mean whole-study Dice, model alone 0.885):
 after 10 painted slices, paint-only 0.910 (Review widget's picker) / 0.904 (spread) / 0.917 (oracle);
@@ -47,7 +53,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +90,8 @@ class Study:
     prediction: np.ndarray  # the model's label map (all classes)
     uncertainty: np.ndarray  # the model's uncertainty map (0..1)
     axis: int  # array axis along which sagittal slices are stacked
+    image: Any = None  # the study's image Volume (adaptation and fine-tuning re-segment it)
+    model: str = "spineseg-default"
 
     @property
     def span(self) -> np.ndarray:
@@ -128,15 +138,96 @@ def interpolation_model(study: Study, state: State) -> None:
     change.apply(state.labels)
 
 
-# TODO(issue 16, item 2): study adaptation — adapt the model to the painted slices, re-segment the
-#   unpainted ones (state.painted kept): def adaptation(study, state) -> None, then add it below.
-# TODO(issue 16, item 4): fine-tuning on the painted slices, then re-segmentation, likewise; and
-#   the best combination (e.g. adaptation followed by interpolation).
+ADAPT_STEPS: int | None = None  # None: AdaptConfig's default (--quick: 3)
+FINETUNE_STEPS = 40  # the fine-tuning strategy's steps (the CLI default is 200: too slow per round; --quick: 3)
+REFERENCES = ("VB3-06", "IVD-20")  # fine-tuning strategy: replayed training cases of the bundled model
+
+
+@lru_cache(maxsize=2)
+def _loaded(model: str):
+    from napari_spineseg.modelfile import load_model
+
+    return load_model(model)
+
+
+def _resegment(study: Study, state: State, network_model) -> None:
+    """Re-segment the study with ``network_model`` (a LoadedModel); painted voxels kept."""
+    from napari_spineseg.inference import Predictor, SegmentationSettings
+
+    predictor = Predictor(SegmentationSettings())
+    predictor.load(network_model)
+    predicted = predictor.predict(study.image).labels.array
+    state.labels[...] = np.where(state.painted, state.labels, predicted.astype(state.labels.dtype))
+
+
+def adaptation(study: Study, state: State) -> None:
+    """ "Apply my corrections to this study": a short adaptation to the painted slices, then
+    re-segmentation of the unpainted voxels (:mod:`napari_spineseg.adaptation`)."""
+    from napari_spineseg.adaptation import AdaptConfig, run_adaptation
+
+    config = AdaptConfig(num_threads=1) if ADAPT_STEPS is None else AdaptConfig(steps=ADAPT_STEPS, num_threads=1)
+    result = run_adaptation(_loaded(study.model), study.image, state.labels, state.painted, config)
+    result.change.apply(state.labels)
+
+
+def adaptation_interpolation(study: Study, state: State) -> None:
+    """Adaptation, then interpolation+model between the painted slices on top of its result."""
+    adaptation(study, state)
+    change = interpolate_between_slices(
+        state.labels,
+        study.axis,
+        slices=state.slices,
+        painted=state.painted,
+        values=[study.value],
+        prior=state.labels.copy(),
+        reach=REACH,
+    )
+    change.apply(state.labels)
+
+
+@lru_cache(maxsize=1)
+def _references(data: str) -> tuple:
+    from napari_spineseg.training.data import load_lumbar_dataset
+
+    return tuple(load_lumbar_dataset(Path(data), ("VB3", "IVD"), cases=list(REFERENCES)))
+
+
+def finetuning(study: Study, state: State) -> None:
+    """The Fine-tune widget's run (replay, distillation, slow encoder; FINETUNE_STEPS steps, no
+    fixed-set selection) on the painted slices, then re-segmentation of the unpainted voxels."""
+    from napari_spineseg.training.finetune import CorrectionPair, FinetuneConfig, run_finetune
+    from napari_spineseg.volume import Volume
+
+    geometry = study.image.geometry
+    pair = CorrectionPair(
+        study.image,
+        Volume(state.labels.astype(np.uint8), geometry),
+        reviewed_slices={"sagittal": list(state.slices)},
+        name=study.case,
+    )
+    config = FinetuneConfig(
+        steps=FINETUNE_STEPS,
+        val_every=FINETUNE_STEPS,
+        select_by_validation=False,
+        num_threads=1,
+        replace_fixed_validation=True,
+    )
+    references = _references(str(DATA)) if DATA.is_dir() and not study.case.startswith("phantom") else ()
+    result = run_finetune(_loaded(study.model), [pair], config, reference_cases=references, fixed_validation=[])
+    from napari_spineseg.modelfile import LoadedModel
+
+    _resegment(study, state, LoadedModel(result.network, _loaded(study.model).metadata, None))
+
+
 STRATEGIES: dict[str, Callable[[Study, State], None]] = {
     "paint-only": paint_only,
     "interpolation": interpolation,
     "interpolation+model": interpolation_model,
+    "adaptation": adaptation,
+    "adaptation+interpolation": adaptation_interpolation,
+    "fine-tuning": finetuning,
 }
+SLOW = {"adaptation", "adaptation+interpolation", "fine-tuning"}  # a network trained every round
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +361,7 @@ def real_study(case_id: str, data: Path, model: str, cache: Path | None) -> Stud
     (case,) = load_lumbar_dataset(data, (dataset,), cases=[case_id])
     labels, uncertainty = predict_cached(case.image, case_id, model, cache)
     axis = plane_array_axis(case.image.geometry, Plane.SAGITTAL)
-    return Study(case_id, case.labels.array, LUMBAR_DATASETS[dataset][0], labels, uncertainty, axis)
+    return Study(case_id, case.labels.array, LUMBAR_DATASETS[dataset][0], labels, uncertainty, axis, case.image, model)
 
 
 def quick_study(model: str, cache: Path | None) -> Study:
@@ -288,7 +379,7 @@ def quick_study(model: str, cache: Path | None) -> Study:
     truth[outside] = IGNORE
     labels, uncertainty = predict_cached(phantom.image, "phantom-quick", model, cache)
     axis = plane_array_axis(phantom.labels.geometry, Plane.SAGITTAL)
-    return Study("phantom-quick", truth, VERTEBRAL_BODY, labels, uncertainty, axis)
+    return Study("phantom-quick", truth, VERTEBRAL_BODY, labels, uncertainty, axis, phantom.image, model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,10 +424,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     pickers = [p for p in PICKERS if any(r["picker"] == p for r in rows)]
     cases = sorted({r["case"] for r in rows})
-    colours = {"paint-only": "tab:gray", "interpolation": "tab:blue", "interpolation+model": "tab:green"}
+    colours = {
+        "paint-only": "tab:gray",
+        "interpolation": "tab:blue",
+        "interpolation+model": "tab:green",
+        "adaptation": "tab:orange",
+        "adaptation+interpolation": "tab:red",
+        "fine-tuning": "tab:purple",
+    }
     fig, axes = plt.subplots(1, len(pickers), figsize=(5.5 * len(pickers), 4.2), sharey=True, squeeze=False)
     for ax, picker in zip(axes[0], pickers):
-        for strategy in STRATEGIES:
+        for strategy in [s for s in STRATEGIES if any(r["strategy"] == s and r["picker"] == picker for r in rows)]:
             colour = colours.get(strategy)
             for case in cases:
                 own = [r for r in rows if (r["strategy"], r["picker"], r["case"]) == (strategy, picker, case)]
@@ -385,12 +483,25 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(studies: list[Study], rounds: int) -> list[dict]:
+def run(
+    studies: list[Study],
+    rounds: int,
+    strategies: list[str] | None = None,
+    pickers: list[str] | None = None,
+    slow_rounds: int | None = None,
+    slow_pickers: list[str] | None = None,
+) -> list[dict]:
+    """Every (study, picker, strategy) session; strategies in :data:`SLOW` stop after ``slow_rounds``
+    and run with ``slow_pickers`` only (default: every picker)."""
     rows: list[dict] = []
     for study in studies:
-        for picker in PICKERS:
-            for strategy in STRATEGIES:
-                rows.extend(simulate(study, strategy, picker, rounds))
+        for picker in pickers or PICKERS:
+            for strategy in strategies or STRATEGIES:
+                if strategy in SLOW and slow_pickers is not None and picker not in slow_pickers:
+                    continue
+                limit = rounds if strategy not in SLOW or slow_rounds is None else min(rounds, slow_rounds)
+                rows.extend(simulate(study, strategy, picker, limit))
+                print(f"  {study.case} {picker} {strategy}: {rows[-1]['dice']}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -403,15 +514,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE, help="model predictions are kept here")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for annotator.csv and annotator.png")
     parser.add_argument("--quick", action="store_true", help="a small phantom, 3 rounds (seconds)")
+    parser.add_argument("--strategies", default="", help=f"comma-separated subset of {', '.join(STRATEGIES)}")
+    parser.add_argument("--pickers", default="", help=f"comma-separated subset of {', '.join(PICKERS)}")
+    parser.add_argument(
+        "--slow-rounds", type=int, default=5, help="rounds of the strategies that train a network (each: ~1 min on CPU)"
+    )
+    parser.add_argument("--name", default="annotator", help="stem of the CSV and PNG written under --out")
     args = parser.parse_args(argv)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] or None
+    pickers = [p.strip() for p in args.pickers.split(",") if p.strip()] or None
+    unknown = sorted(set(strategies or ()) - set(STRATEGIES)) + sorted(set(pickers or ()) - set(PICKERS))
+    if unknown:
+        parser.error(f"unknown strategy or picker: {', '.join(unknown)}")
+    global ADAPT_STEPS, FINETUNE_STEPS
     if args.quick:
         studies, rounds = [quick_study(args.model, args.cache)], min(args.rounds, 3)
+        ADAPT_STEPS, FINETUNE_STEPS, args.slow_rounds = 3, 3, min(args.slow_rounds, 2)
+        slow_pickers = ["worst"]
     else:
+        slow_pickers = None
         studies = [real_study(c.strip(), args.data, args.model, args.cache) for c in args.cases.split(",") if c]
         rounds = args.rounds
-    rows = run(studies, rounds)
-    write_csv(rows, args.out / "annotator.csv")
-    plot(rows, args.out / "annotator.png")
+    rows = run(studies, rounds, strategies, pickers, args.slow_rounds, slow_pickers)
+    write_csv(rows, args.out / f"{args.name}.csv")
+    plot(rows, args.out / f"{args.name}.png")
     print(summary(rows))
     return 0
 

@@ -26,6 +26,7 @@ from ._layer_data import RESULT_KEY, is_kind, layer_volume
 from ._panels import fill_table, scrolling_layout
 from ._pickers import LayerCombo
 from ._views import PLANE_NAMES, show_plane
+from .adapt import AdaptPanel
 
 
 def review_job(array: np.ndarray, geometry: Any, classes: list):
@@ -250,6 +251,8 @@ class ReviewWidget(QWidget):
         uncertainty.addWidget(self.next_button)
         uncertainty.addWidget(self.uncertainty_label)
         uncertainty.addStretch(1)
+        self.adapt_panel = AdaptPanel(napari_viewer, self.labels_combo, self.tabs)  # issue 16: apply corrections
+        self.tabs.addTab(self.adapt_panel, "Corrections")
 
     def _tab(self, title: str) -> QWidget:
         page = QWidget(self.tabs)

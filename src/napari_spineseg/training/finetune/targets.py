@@ -65,7 +65,7 @@ def _take(mask: np.ndarray, axis: int, index: int) -> tuple:
     return tuple(sl)
 
 
-def _detect_edit_plane(changed: np.ndarray, geometry) -> Plane:
+def detect_edit_plane(changed: np.ndarray, geometry) -> Plane:
     """The plane whose slices hold the changes most compactly (ties: the thickest slices)."""
     spacing = geometry.spacing_zyx
     best, best_key = Plane.SAGITTAL, None
@@ -123,7 +123,7 @@ def correction_targets(
         original = np.asarray(pair.prediction.array)
         changed = (labels != original) & (labels != IGNORE)
         if changed.any():
-            detected = Plane(edit_plane) if edit_plane != "auto" else _detect_edit_plane(changed, geometry)
+            detected = Plane(edit_plane) if edit_plane != "auto" else detect_edit_plane(changed, geometry)
             axis = plane_array_axis(geometry, detected)
             other = tuple(a for a in range(3) if a != axis)
             for index in np.flatnonzero(changed.any(axis=other)):
