@@ -279,3 +279,15 @@ def test_finetune_shows_every_phase_keeps_controls_in_view_and_notifies(viewer, 
     assert top(finetune.start_button) < top(finetune.status) < top(finetune.save_button) < top(finetune.chart)
     assert top(finetune.save_button) < top(finetune.metrics_table)
     assert finetune.forgetting_box.isChecked()  # and it can be switched off for a faster run
+
+
+# Issue #20: two bundled models; the default stays the default, the accurate one is suggested on a GPU.
+def test_default_model_is_preselected_and_accurate_suggested_with_cuda(viewer) -> None:
+    segment = dock(viewer, "Segment spine")
+    assert {"spineseg-default", "spineseg-accurate"} <= set(segment.model_combo.models())
+    assert segment.model_combo.current_model() == "spineseg-default"
+    segment._set_devices(["cpu"])
+    assert "spineseg-accurate" not in segment.status.text()
+    segment._set_devices(["cuda", "cpu"])
+    assert "spineseg-accurate is recommended" in segment.status.text()
+    assert segment.model_combo.current_model() == "spineseg-default"  # suggested, not switched

@@ -107,9 +107,9 @@ class ModelCombo(QComboBox):
             models_changed.disconnect(self._on_models_changed)
 
     def refresh(self, *_: Any, select: str | None = None) -> None:
-        from ..modelfile import list_models
+        from ..modelfile import DEFAULT_MODEL_NAME, list_models
 
-        current = select or self.current_model()
+        current = select or self.current_model() or DEFAULT_MODEL_NAME  # the default everywhere
         self.blockSignals(True)
         self.clear()
         for info in list_models():
@@ -127,6 +127,10 @@ class ModelCombo(QComboBox):
             self.setCurrentIndex(0)
         self._last = self.currentIndex()
         self.currentIndexChanged.emit(self.currentIndex())
+
+    def models(self) -> list[str]:
+        """The names (and files) offered."""
+        return [str(self.itemData(i)) for i in range(self.count()) if self.itemData(i) != LOAD_FILE]
 
     def current_model(self) -> str | None:
         value = self.currentData()

@@ -128,6 +128,9 @@ class _Output:
     levels: Any = None  # LevelResult
 
 
+ACCURATE_MODEL_NAME = "spineseg-accurate"
+
+
 def _available_devices() -> list[str]:
     try:
         from ..inference import available_devices
@@ -278,6 +281,15 @@ class SegmentWidget(QWidget):
             usable = device in ("auto", "cpu") or (available is not None and device in available)
             self.device_combo.model().item(self.device_combo.count() - 1).setEnabled(usable)
         self.device_combo.setCurrentIndex(current)
+        self._suggest_accurate_model(available)
+
+    def _suggest_accurate_model(self, available: list[str] | None) -> None:
+        """With a CUDA device, the accurate model costs little: say so beside the model picker."""
+        if not available or "cuda" not in available:
+            return
+        if ACCURATE_MODEL_NAME in self.model_combo.models() and self.model_combo.current_model() != ACCURATE_MODEL_NAME:
+            self.status.setText(f"A CUDA GPU is present: the more accurate model {ACCURATE_MODEL_NAME} is recommended.")
+            self.model_combo.setToolTip(f"Recommended with a GPU: {ACCURATE_MODEL_NAME}")
 
     def _follow_new_study(self, event: Any) -> None:
         """A study just opened becomes the image to segment, and is brought into view."""
