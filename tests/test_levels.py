@@ -345,3 +345,33 @@ def test_levels_work_without_qt_or_napari() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "uncertain", result.stderr
+
+
+def test_cli_report_names_levels_from_a_corrected_level_map(phantom, tmp_path: Path) -> None:
+    """`spineseg report --levels` takes a level map corrected by hand (here renumbered by -1)."""
+    from napari_spineseg.cli import main
+    from napari_spineseg.io import write_labels, write_volume
+
+    study = write_volume(phantom.image, tmp_path / "study.nii.gz")
+    seg = write_labels(phantom.labels, tmp_path / "study_seg.nii.gz")
+    write_levels(renumber(identify_levels(phantom.labels), -1), tmp_path / "levels.nii.gz", phantom.labels.geometry)
+    out = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                "report",
+                str(study),
+                str(seg),
+                "-o",
+                str(out),
+                "--model",
+                "none",
+                "--levels",
+                str(tmp_path / "levels.nii.gz"),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    bodies = [r["name"] for r in report["levels"] if r["value"] == VERTEBRAL_BODY]
+    assert bodies[-2:] == ["L4", "L5"]  # the automatic naming says L5, S1

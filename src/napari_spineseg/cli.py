@@ -304,7 +304,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     study = read_volume(args.study)
     labels = read_volume(args.seg)
     check_same_grid(study, labels, what=f"study {args.study} and segmentation {args.seg}")
-    report = build_report(study, labels, metadata, model_note=note)
+    levels = None
+    if getattr(args, "levels", None):  # a level map corrected by hand (Review ▸ Levels up/down) and its sidecar
+        from .levels import read_levels
+
+        levels = read_levels(Path(args.levels).expanduser())
+        check_same_grid(study, levels.geometry, what=f"study {args.study} and level map {args.levels}")
+    report = build_report(study, labels, metadata, model_note=note, levels=levels)
     written = [write_report(report, output)]
     if json_path is not None:
         written.append(write_report(report, json_path))
@@ -321,6 +327,9 @@ def _add_report_command(commands) -> None:
     report.add_argument("seg", metavar="SEG", help="its label map (same voxel grid)")
     report.add_argument("-o", "--output", required=True, help="report file: .html (one page) or .json")
     report.add_argument("--json", metavar="PATH", help="also write the JSON record here")
+    report.add_argument(
+        "--levels", metavar="LEVELS", help="name levels from this level map and its sidecar (e.g. corrected in napari)"
+    )
     report.add_argument(
         "--model", default="spineseg-default", help="model described in the report (name, .safetensors path or none)"
     )
