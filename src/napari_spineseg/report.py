@@ -18,7 +18,6 @@ import datetime as _dt
 import html
 import io
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 from .errors import InputError, VolumeWriteError
 from .orientation import orientation_code, reorientation_to, tilt_degrees
 from .preflight import PreflightWarning, preflight
+from .provenance import json_safe
 from .review import LabelReview, review_labels
 from .schema import BACKGROUND, DEFAULT_CLASSES, LESION, VERTEBRAL_BODY, LabelClass, class_for_value
 from .volume import Geometry, Volume, check_same_grid
@@ -54,23 +54,6 @@ LEVEL_NAMING = (
 )
 _SAFE_DICOM_FIELDS = ("modality", "series_description", "body_part", "field_strength")
 _OVERLAY_ALPHA = 0.45
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types (numpy scalars → Python, non-finite floats → None, tuples → lists)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 def _integer_labels(labels: Volume) -> np.ndarray:
@@ -124,8 +107,8 @@ def _model_info(model_metadata: Any) -> dict[str, Any]:
         "description": model_metadata.description,
         "classes": [c.name for c in model_metadata.classes if c.value != BACKGROUND],
         "detects_lesions": LESION in values,
-        "validation": _json_safe(model_metadata.metrics),
-        "validation_cases": _json_safe(training.get("val_cases", [])),
+        "validation": json_safe(model_metadata.metrics),
+        "validation_cases": json_safe(training.get("val_cases", [])),
         "training_cases": len(training.get("train_cases", [])),
         "trained": training.get("started") or training.get("saved"),
     }
@@ -268,7 +251,7 @@ def build_report(
     if overlay:
         png, info = render_overlay(study, Volume(array, labels.geometry, labels.name), review, classes)
         report["overlay"] = {**info, "png_base64": base64.b64encode(png).decode("ascii")}
-    return _json_safe(report)
+    return json_safe(report)
 
 
 # --- mid-sagittal overlay ----------------------------------------------------------------------
@@ -438,7 +421,7 @@ def report_to_json(report: dict[str, Any]) -> str:
     record = dict(report)
     if isinstance(record.get("overlay"), dict):
         record["overlay"] = {k: v for k, v in record["overlay"].items() if k != "png_base64"}
-    return json.dumps(_json_safe(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(json_safe(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:

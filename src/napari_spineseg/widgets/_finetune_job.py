@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..augment import IGNORE
 from ..errors import Cancelled, InputError
-from ..schema import DEFAULT_CLASSES, LabelClass, class_for_value
+from ..schema import LabelClass
 from ..volume import Volume
 from ._threads import gui_friendly_torch
 
@@ -46,15 +45,12 @@ def label_values(array: np.ndarray) -> list[int]:
 def preview_classes(
     base: Sequence[LabelClass], values: Sequence[int], names: Mapping[int, str] | None = None
 ) -> list[LabelClass]:
-    """The classes a fine-tuned model will have: the base classes (renamed per ``names``) plus one
-    per new label value (schema name for schema values, else "class N"; 255 is "not annotated")."""
+    """The classes a fine-tuned model will have (what fine-tuning itself computes:
+    :func:`~napari_spineseg.training.finetune.classes.finetune_classes`); blank names are ignored."""
+    from ..training.finetune.classes import finetune_classes
+
     names = {int(k): str(v).strip() for k, v in (names or {}).items() if str(v).strip()}
-    classes = [replace(c, name=names.get(c.value, c.name)) for c in base]
-    known = {c.value for c in classes}
-    for value in sorted({int(v) for v in values} - known - {0, IGNORE}):
-        schema = next((c for c in DEFAULT_CLASSES if c.value == value), None)
-        generated = schema or class_for_value(value, classes)
-        classes.append(LabelClass(value, names.get(value, generated.name), generated.color))
+    classes, _ = finetune_classes(base, values, names)
     return classes
 
 
