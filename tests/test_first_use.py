@@ -11,63 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gui_fixtures
 from conftest import requires_display
 from napari_spineseg._napari_layers import image_layer_data
-from napari_spineseg.phantom import make_phantom
 from test_widgets import dock, errors
 
 pytestmark = [pytest.mark.gui, requires_display]
 
+
+# The shared fixtures (gui_fixtures.py): a small phantom in a viewer, a tiny model, notifications.
+phantom, dirs, tiny_model = gui_fixtures.phantom, gui_fixtures.dirs, gui_fixtures.tiny_model
+notifications, viewer, save_tiny = gui_fixtures.notifications, gui_fixtures.viewer, gui_fixtures.save_tiny
+
 PLUGIN = "napari-spineseg"
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom(size=(64, 64, 16), spacing=(3.5, 3.5, 8.0), lesions=1, seed=3)
-
-
-@pytest.fixture(autouse=True)
-def dirs(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setenv("SPINESEG_MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("SPINESEG_CONFIG_DIR", str(tmp_path / "config"))
-    return tmp_path / "models"
-
-
-@pytest.fixture
-def tiny_model(dirs: Path) -> str:
-    return save_tiny("tiny")
-
-
-@pytest.fixture
-def notifications():
-    from napari.utils.notifications import notification_manager
-
-    received: list = []
-    notification_manager.notification_ready.connect(received.append)
-    yield received
-    notification_manager.notification_ready.disconnect(received.append)
-
-
-@pytest.fixture
-def viewer(make_napari_viewer, phantom):
-    viewer = make_napari_viewer()
-    data, kwargs, _ = image_layer_data(phantom.image)
-    viewer.add_image(data, **kwargs)
-    return viewer
-
-
-def save_tiny(name: str, version: str = "1", seed: int = 0) -> str:
-    import torch
-
-    from napari_spineseg.modelfile import ModelMetadata, save_model, user_model_path
-    from napari_spineseg.models import build_model
-
-    torch.manual_seed(seed)
-    net = build_model("unet", in_channels=1, num_classes=5, base=4, depth=2)
-    kwargs = {k: v for k, v in net.arch_kwargs.items() if k not in ("in_channels", "num_classes")}
-    metadata = ModelMetadata(name, "unet", kwargs, preprocess={"pixel_spacing_mm": 4.0}, version=version)
-    save_model(net, metadata, user_model_path(name))
-    return name
 
 
 # 1. DICOM-SEG export from the viewer -----------------------------------------------------------

@@ -246,37 +246,10 @@ def _adapt_run_class() -> type:
             self.model_values = values
             self.lut = index_lut(classes)
 
-        def train(self):
-            """The training loop without any evaluation (the loop's validation events are dropped)."""
-            from .training.finetune.regularisers import thaw
-            from .training.finetune.surgery import fuse_new_rows, unfreeze_batchnorm
-            from .training.loop import train
-
-            network = self.network
-            loss_hook, groups = self.regularisers()
-            events = train(
-                self.train_config_,
-                self.correction_cases,
-                network=network,
-                dataset=self.dataset,
-                loss_hook=loss_hook,
-                cancel=self.cancel,
-                param_groups=groups,
-            )
-            outcome = None
-            try:
-                for event in events:
-                    if event.kind == "done":
-                        outcome = event.result
-                    elif event.kind == "step":
-                        yield event
-            finally:
-                events.close()
-                unfreeze_batchnorm(network)
-                thaw(network)
-                fuse_new_rows(network)
-            assert outcome is not None
-            return outcome
+        def on_validation(self, event):
+            """No evaluation during an adaptation: the loop's validation events are dropped."""
+            return None
+            yield  # a generator, as the phase it replaces
 
     return AdaptRun
 
