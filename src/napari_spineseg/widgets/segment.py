@@ -462,17 +462,24 @@ class SegmentWidget(QWidget):
     def _show_levels(self, run: _Run, output: _Output) -> Iterator[None]:
         """The levels layer ("L3", "L4/L5" on hover) when the levels are named; the status says either way."""
         from .._napari_layers import LEVELS_KEY
+        from .._napari_layers import levels_layer_data as levels_data
 
         levels = output.levels
         if levels is None:
             return
         name = f"{run.image_name} levels"
-        for old in [lay for lay in self.viewer.layers if lay.name == name and LEVELS_KEY in (lay.metadata or {})]:
+        stale = [lay for lay in self.viewer.layers if lay.name == name and LEVELS_KEY in (lay.metadata or {})]
+        if levels.named and stale:  # new data for the existing layer (removing a layer stalls the viewer)
+            data, kwargs, _ = levels_data(levels, name)
+            yield from replace_in_turns(stale.pop(), data, kwargs)
+        for old in stale:
             self.viewer.layers.remove(old)
+            yield
         if levels.named:
-            layer = output.layers["levels"]
-            layer.name = name
-            yield from add_in_turns(self.viewer, layer, select=False)
+            if not any(lay.name == name for lay in self.viewer.layers):
+                layer = output.layers["levels"]
+                layer.name = name
+                yield from add_in_turns(self.viewer, layer, select=False)
             names = [i.name for i in levels.instances if i.kind == "body" and i.name]
             summary = f"levels {names[0]}–{names[-1]}"
         else:
