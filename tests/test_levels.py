@@ -331,26 +331,6 @@ def test_nothing_is_named_above_a_gap_in_the_alternation(phantom) -> None:
     assert result.level_map[t11] == 0 and result.level_map[t12] == level_value("T12")
 
 
-def test_levels_work_without_qt_or_napari() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in {'napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui'}:\n"
-        "            raise ImportError('blocked ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import numpy as np\n"
-        "from napari_spineseg.levels import identify_levels\n"
-        "from napari_spineseg.volume import Volume\n"
-        "print(identify_levels(Volume.from_array(np.zeros((8, 8, 8), np.uint8))).status)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.strip() == "uncertain", result.stderr
-
-
 def test_cli_report_names_levels_from_a_corrected_level_map(phantom, tmp_path: Path) -> None:
     """`spineseg report --levels` takes a level map corrected by hand (here renumbered by -1)."""
     from napari_spineseg.cli import main

@@ -69,6 +69,10 @@ def test_core_imports_without_qt_or_napari() -> None:
         "sys.meta_path.insert(0, Block())\n"
         "import napari_spineseg.io, napari_spineseg.inference, napari_spineseg.metrics, napari_spineseg.training.loop\n"
         "import napari_spineseg.interpolation\n"
+        "import numpy as np\n"
+        "from napari_spineseg.levels import identify_levels\n"
+        "from napari_spineseg.volume import Volume\n"
+        "assert identify_levels(Volume.from_array(np.zeros((8, 8, 8), np.uint8))).status == 'uncertain'\n"
         "import napari_spineseg.cli, napari_spineseg.phantom, napari_spineseg.modelfile, napari_spineseg.preflight\n"
         "print('ok')\n"
     )
