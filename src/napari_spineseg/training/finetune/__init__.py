@@ -60,6 +60,15 @@ to overwrite the base model's file.  A base model's lesion-presence gate (:mod:`
 is carried over unchanged while it still fits (same context slices, gated class values still
 classes); otherwise it is dropped with a warning in the result.
 
+Painted studies accumulate
+    :func:`save_finetuned` writes, beside ``X.safetensors``, ``X.replay.npz``: crops of the
+    trusted slices of every painted study the model learned from (patient data: a separate
+    file, never in the model; the model records its checksum and studies).  The next fine-tune
+    from ``X`` trains on them again as corrections (``replay=`` a path or set, or
+    ``config.replay_painted=False`` to skip), reports Dice on them before and after
+    (``before/after["replay"]``; :func:`painted_report`) and saves the union (the most recent
+    ``replay_max_studies``, at most ``replay_max_mb``).  See :mod:`.replay`.
+
 Layout (one module per section; every public name is re-exported here)
     :mod:`.config` (CorrectionPair, FinetuneConfig, FinetuneResult), :mod:`.targets` (trusted
     targets of a pair), :mod:`.cases` (case records), :mod:`.classes` (new classes, class
@@ -74,6 +83,16 @@ from .config import MAX_LABEL_VALUE, CorrectionPair, FinetuneConfig, FinetuneRes
 from .dataset import FinetuneDataset, build_finetune_dataset
 from .evaluation import fixed_cache_path
 from .regularisers import ReplayDistillation, WeightAnchor, lr_param_groups
+from .replay import (
+    REPLAY_SUFFIX,
+    ReplaySet,
+    format_painted_class_report,
+    painted_class_report,
+    painted_report,
+    read_replay,
+    replay_path,
+    write_replay,
+)
 from .run import finetune, run_finetune, select_step
 from .saving import (
     carried_gate,
@@ -98,6 +117,14 @@ _unfreeze_batchnorm = unfreeze_batchnorm
 
 __all__ = [
     "MAX_LABEL_VALUE",
+    "REPLAY_SUFFIX",
+    "ReplaySet",
+    "format_painted_class_report",
+    "painted_class_report",
+    "painted_report",
+    "read_replay",
+    "replay_path",
+    "write_replay",
     "CorrectionPair",
     "CorrectionTargets",
     "FinetuneConfig",

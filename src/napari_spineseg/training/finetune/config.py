@@ -116,6 +116,9 @@ class FinetuneConfig:
     num_workers: int = 0
     num_threads: int | None = None  # torch CPU threads (None: torch's default; 1 is best on a busy CPU)
     model_name: str | None = None  # default "<base name>-ft"
+    replay_painted: bool = True  # train again on the painted studies of earlier rounds (the base's replay set)
+    replay_max_studies: int = 8  # the replay set saved with the model keeps the most recent N painted studies
+    replay_max_mb: float = 256.0  # ... and at most this many MB of crops
 
     def __post_init__(self) -> None:
         if int(self.steps) < 1:
@@ -147,6 +150,8 @@ class FinetuneConfig:
         ):
             if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) >= 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if int(self.replay_max_studies) < 0 or not float(self.replay_max_mb) >= 0:
+            raise InputError("replay_max_studies and replay_max_mb must be >= 0 (0: no replay set is saved)")
         if int(self.frozen_input_stages) < 0:
             raise InputError(f"frozen_input_stages must be >= 0, got {self.frozen_input_stages}")
         if not (math.isfinite(float(self.decoder_lr_scale)) and float(self.decoder_lr_scale) > 0):
@@ -189,3 +194,4 @@ class FinetuneResult:
     warnings: list[str] = field(default_factory=list)
     selected_step: int | None = None  # the evaluated step whose weights were kept (None: the last)
     gate: Any = None  # the base model's lesion gate (napari_spineseg.lesion_gate.LesionGate), carried over unchanged
+    replay: Any = None  # the painted studies to save beside the model (replay.ReplaySet), None: none

@@ -83,6 +83,57 @@ class FinetuneDataset:
         return weights * (len(weights) / weights.sum())
 
 
+class ConcatSlices:
+    """Several slice datasets as one (the current corrections, then replayed painted crops)."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[part][i - int(self.offsets[part])]
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+
+def _painted_slices(
+    painted: Sequence[tuple[TrainingCase, np.ndarray, str]],
+    *,
+    context_slices: int,
+    num_classes: int,
+    preprocess: PreprocessConfig,
+    config: FinetuneConfig,
+) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+    """(slice dataset, changed flags, coverage) per plane of replayed painted crops (already normalised)."""
+    import dataclasses
+
+    from ..datasets import SliceDataset
+
+    normalised = dataclasses.replace(preprocess, normalise=False)
+    parts = []
+    for plane in dict.fromkeys(p for _, _, p in painted):
+        chosen = [(c, m) for c, m, p in painted if p == plane]
+        slices = SliceDataset(
+            [c for c, _ in chosen],
+            planes=[plane],
+            context_slices=context_slices,
+            num_classes=num_classes,
+            preprocess=normalised,
+            augment=config.augment,
+            crop_size=config.crop_size,
+            seed=config.seed + 2,
+        )
+        flags = _changed_flags(slices, [m for _, m in chosen], [c.labels.geometry for c, _ in chosen])
+        parts.append((slices, flags, _coverage(slices)))
+    return parts
+
+
 def _coverage(dataset) -> np.ndarray:
     """Per sample of a SliceDataset: the number of trusted (not IGNORE) pixels of its slice."""
     counts = {}
@@ -119,12 +170,16 @@ def build_finetune_dataset(
     preprocess: PreprocessConfig,
     config: FinetuneConfig,
     new_class_indices: Sequence[int] = (),
+    painted: Sequence[tuple[TrainingCase, np.ndarray, str]] = (),
 ) -> FinetuneDataset:
     """The training samples of a fine-tuning run.
 
     ``corrections`` and ``replay`` hold class *indices* (IGNORE where untrusted); ``changed``
     is one boolean mask per correction case (study array order) marking the changed voxels;
     slices holding ``new_class_indices`` are sampled at full priority in every plane.
+    ``painted`` adds replayed painted crops of earlier rounds as further correction samples:
+    (case with class indices and an already normalised image, changed mask, the one plane it is
+    sampled in); see :mod:`.replay`.
     """
     from ..datasets import SliceDataset
 
@@ -144,6 +199,17 @@ def build_finetune_dataset(
     if len(new_class_indices):
         new_masks = [np.isin(c.labels.array, list(new_class_indices)) for c in corrections]
         new_flags = _changed_flags(slices, new_masks, geometries)
+    coverage = _coverage(slices)
+    corrections: Any = slices
+    if painted:
+        parts = _painted_slices(
+            painted, context_slices=context_slices, num_classes=num_classes, preprocess=preprocess, config=config
+        )
+        corrections = ConcatSlices([slices, *(p for p, _, _ in parts)])
+        flags = np.concatenate([flags, *(f for _, f, _ in parts)])
+        coverage = np.concatenate([coverage, *(c for _, _, c in parts)])
+        if new_flags is not None:
+            new_flags = np.concatenate([new_flags, *(f for _, f, _ in parts)])
     replay_slices = None
     if replay and config.replay_fraction > 0:
         replay_slices = SliceDataset(
@@ -159,12 +225,12 @@ def build_finetune_dataset(
             seed=config.seed + 1,
         )
     return FinetuneDataset(
-        slices,
+        corrections,
         flags,
         replay_slices,
         config.replay_fraction,
         config.changed_priority,
-        coverage=_coverage(slices),
+        coverage=coverage,
         min_coverage=config.min_coverage,
         new_class=new_flags,
     )

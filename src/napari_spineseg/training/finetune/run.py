@@ -35,6 +35,7 @@ from .evaluation import (
     write_fixed_cache,
 )
 from .regularisers import ReplayDistillation, WeightAnchor, combine_hooks, freeze_input_stages, lr_param_groups, thaw
+from .replay_run import ReplayPhases
 from .saving import carried_gate
 from .surgery import freeze_batchnorm, fuse_new_rows, grow_head, probe_new_rows, speed_up_new_rows, unfreeze_batchnorm
 from .targets import correction_targets, pair_name
@@ -104,6 +105,7 @@ def finetune(
     reference_cases: Sequence[TrainingCase] = (),
     fixed_validation: Sequence[TrainingCase] | None = None,
     cancel: threading.Event | None = None,
+    replay: str | Path | Any = None,
 ) -> Generator[TrainEvent, None, FinetuneResult]:
     """Fine-tune ``base`` on corrected ``pairs``; yields :class:`TrainEvent`, returns a :class:`FinetuneResult`.
 
@@ -111,22 +113,31 @@ def finetune(
     (``val_dice`` keys ``"fixed/<class>"`` and ``"corrected/<class>"``) from the training loop,
     and a final ``"done"``.  ``cancel`` stops at the next step (the result has
     ``cancelled=True`` and cannot be saved); closing the generator stops it too.  Nothing is
-    written to disk.  The phases are the methods of :class:`FinetuneRun`.
+    written to disk.  The phases are the methods of :class:`FinetuneRun`.  ``replay`` is a replay set
+    (:class:`~.replay.ReplaySet` or a ``.replay.npz`` path) of earlier painted studies; by default the
+    base model's own (``<base>.replay.npz``), unless ``config.replay_painted`` is False.
     """
     run = FinetuneRun(
-        base, pairs, config, reference_cases=reference_cases, fixed_validation=fixed_validation, cancel=cancel
+        base,
+        pairs,
+        config,
+        reference_cases=reference_cases,
+        fixed_validation=fixed_validation,
+        cancel=cancel,
+        replay=replay,
     )
     return (yield from run.events())
 
 
-class FinetuneRun:
+class FinetuneRun(ReplayPhases):
     """One fine-tuning run: its state on the object, its phases as methods, driven by :meth:`events`.
 
     :meth:`load_base`, :meth:`prepare_corrections` (trusted targets, classes), :meth:`choose_cases`
     (fixed validation, replay), :meth:`setup_evaluation`, :meth:`measure_before`,
     :meth:`grow_head` (new classes), :meth:`build_training` (train config, dataset),
     :meth:`train` (the one training loop, evaluated at every validation), :meth:`select`
-    (the evaluated step that forgot least), :meth:`measure_after`, :meth:`result`.
+    (the evaluated step that forgot least), :meth:`measure_after`, :meth:`result`.  The replay of
+    earlier painted studies is in :class:`~.replay_run.ReplayPhases`.
     """
 
     def __init__(
@@ -138,8 +149,10 @@ class FinetuneRun:
         reference_cases: Sequence[TrainingCase] = (),
         fixed_validation: Sequence[TrainingCase] | None = None,
         cancel: threading.Event | None = None,
+        replay: str | Path | Any = None,
     ) -> None:
         self.base = base
+        self.replay_source = replay
         self.pairs = pairs
         self.config = config or FinetuneConfig()
         self.reference_cases = reference_cases
@@ -297,6 +310,8 @@ class FinetuneRun:
             "fixed_validation_cases": fixed_cases,
             "correction_cases": corr_cases,
         }
+        if self.replay_eval:
+            record["replay"], record["replay_cases"] = self.evaluate_replay(network, model_classes)
         return record, preds
 
     def cancelled_result(self, network, steps: int, history: list) -> FinetuneResult:
@@ -409,13 +424,14 @@ class FinetuneRun:
         )
         self.train_config_ = self.train_config()
         yield self.status("preparing the training slices")
-        correction_cases = []
+        correction_cases, self.training_labels = [], []
         for pair, name, target in zip(self.pairs, self.names, self.targets):
             known = pair.known_classes if pair.known_classes is not None else self.model_values - {0}
             labels = target.labels
             if pair.known_classes is not None:  # other classes' voxels only say "none of the known classes"
                 vouched = np.asarray(sorted({0, IGNORE, *(int(v) for v in known)}), dtype=np.uint8)
                 labels = np.where(np.isin(labels, vouched), labels, np.uint8(0)).astype(np.uint8)
+            self.training_labels.append(labels)
             case = TrainingCase(pair.image, pair.labels.with_array(labels), set(), name, "corrections", name)
             correction_cases.append(index_case(case, lut, known, name))
         replay_cases = [index_case(c, lut, c.known_classes) for c in self.references]
@@ -430,6 +446,7 @@ class FinetuneRun:
             preprocess=self.preprocess,
             config=self.config,
             new_class_indices=range(len(base_meta.classes), len(self.classes)),
+            painted=self.painted_training_cases(),
         )
 
     # Training -----------------------------------------------------------------------------------------
@@ -665,7 +682,8 @@ class FinetuneRun:
                 logger.warning(gate_warning)
             else:
                 gate = copy.deepcopy(gate)
-        training = self.training_record(outcome, after, gate)
+        replay = self.replay_to_save(self.training_labels)
+        training = {**self.training_record(outcome, after, gate), **json_safe(self.replay_record(replay))}
         description = (base_meta.description + " " if base_meta.description else "") + (
             f"Fine-tuned ({outcome.steps} steps) on {len(pairs)} corrected stud{'y' if len(pairs) == 1 else 'ies'}"
             + (f", new classes: {', '.join(c.name for c in new_classes)}" if new_classes else "")
@@ -701,6 +719,7 @@ class FinetuneRun:
             self.warnings,
             self.selected_step,
             gate,
+            replay,
         )
 
     # Driver --------------------------------------------------------------------------------------------
@@ -717,8 +736,10 @@ class FinetuneRun:
         yield self.status("loading the base model")
         self.load_base()
         self.prepare_corrections()
+        self.load_replay()
         self.choose_cases()
         self.setup_evaluation()
+        self.setup_replay_evaluation()
         yield self.status(
             f"measuring the base model on {len(self.fixed_eval)} fixed and {len(self.pairs)} corrected studies"
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +91,16 @@ def forgetting_beyond_limit(result: FinetuneResult) -> str | None:
     )
 
 
-def save_finetuned(result: FinetuneResult, path_or_name: str | Path, force: bool = False) -> Path:
+def save_finetuned(result: FinetuneResult, path_or_name: str | Path, force: bool = False, replay: bool = True) -> Path:
     """Write the fine-tuned model atomically to a ``.safetensors`` path or as a user model name.
 
     Never overwrites the base model's file; a cancelled run cannot be saved; a model that forgot
     more than its ``max_forgetting`` on the fixed validation set is refused unless ``force``
     (``spineseg finetune --force``).  A plain name also becomes the model's stored name.
+    With ``replay`` the result's painted studies are written beside the model as
+    ``<model>.replay.npz`` (see :mod:`.replay`; its checksum goes into the model's metadata).
     """
-    from ...modelfile import MODEL_SUFFIX, attach_gate
+    from ...modelfile import MODEL_SUFFIX
 
     if result.cancelled:
         raise Cancelled("fine-tuning was cancelled: there is no fine-tuned model to save")
@@ -117,4 +121,45 @@ def save_finetuned(result: FinetuneResult, path_or_name: str | Path, force: bool
     if warning is not None:  # the result's classes were changed after fine-tuning
         result.warnings.append(warning)
         logger.warning(warning)
-    return attach_gate(result, gate, path, name=name)
+    return _save_with_replay(result if replay else dataclasses.replace(result, replay=None), gate, path, name)
+
+
+def _save_with_replay(result: FinetuneResult, gate: Any, path: Path, name: str | None) -> Path:
+    """The model file and, beside it, its replay set: the replay is written to a temporary file
+    first (its checksum goes into the model), renamed once the model is saved.  A replay set
+    that cannot be written costs a warning, never the model; a stale one of an earlier model
+    of that name is removed."""
+    from ...modelfile import attach_gate
+    from ...provenance import file_sha256
+    from .replay import replay_path, write_replay
+
+    target = replay_path(path)
+    temp = target.with_name(target.name + ".new")
+    model: Any = result
+    written = False
+    if result.replay is not None and result.replay.studies:
+        try:
+            write_replay(result.replay, temp)
+            record = {
+                "file": target.name,
+                "sha256": file_sha256(temp),
+                "studies": result.replay.study_names,
+                "bytes": temp.stat().st_size,
+            }
+            metadata = dataclasses.replace(result.metadata, training={**result.metadata.training, "replay": record})
+            model, written = dataclasses.replace(result, metadata=metadata), True
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            result.warnings.append(f"the replay set was not saved ({error}); the model is saved without it")
+            logger.warning(result.warnings[-1])
+    try:
+        saved = attach_gate(model, gate, path, name=name)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    if written:
+        os.replace(temp, target)
+    elif target.exists():
+        target.unlink()
+        logger.info("removed %s: it belonged to the model formerly saved as %s", target, path)
+    return saved
