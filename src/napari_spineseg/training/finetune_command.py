@@ -62,6 +62,17 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         help="save the model even if it lost more than --max-forgetting Dice points on the fixed set "
         "(refused otherwise)",
     )
+    replay = parser.add_mutually_exclusive_group()
+    replay.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="do not train again on the painted studies of earlier rounds (the base's BASE.replay.npz)",
+    )
+    replay.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="replay set of earlier painted studies to train on (default: the one saved beside the base model)",
+    )
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
     parser.add_argument(
@@ -122,9 +133,13 @@ def _ids(text: str | None) -> list[str]:
 
 
 def format_before_after(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    """A table of per-class Dice before/after on the fixed validation set and the corrections."""
+    """A table of per-class Dice before/after on the fixed validation set, the corrections and the
+    replayed earlier painted studies (when there are any)."""
     rows = [f"{'set':18s} {'class':24s} {'before':>8s} {'after':>8s} {'change':>8s}"]
-    for key, label in (("fixed_validation", "fixed validation"), ("corrections", "corrected studies")):
+    groups = [("fixed_validation", "fixed validation"), ("corrections", "corrected studies")]
+    if before.get("replay") or after.get("replay"):
+        groups.append(("replay", "earlier painted"))
+    for key, label in groups:
         b, a = before.get(key) or {}, after.get(key) or {}
         names = list(dict.fromkeys([*b, *a]))
         if not names:
@@ -150,6 +165,9 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         check_output_path,
         finetune,
         finetuned_output_path,
+        format_painted_class_report,
+        painted_report,
+        replay_path,
         save_finetuned,
     )
 
@@ -177,6 +195,7 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         **({} if args.max_forgetting is None else {"max_forgetting": float(args.max_forgetting) / 100.0}),
         replace_fixed_validation=args.new_validation,
         num_threads=args.threads,
+        replay_painted=not args.no_replay,
     )
     pairs = []
     for i, (image_path, labels_path) in enumerate(zip(args.image, args.labels)):
@@ -195,7 +214,15 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         fixed = [c for c in loaded if c.case_id in wanted_val] if wanted_val else None
 
     cancel = threading.Event()
-    events = finetune(base_path, pairs, config, reference_cases=references, fixed_validation=fixed, cancel=cancel)
+    events = finetune(
+        base_path,
+        pairs,
+        config,
+        reference_cases=references,
+        fixed_validation=fixed,
+        cancel=cancel,
+        replay=Path(args.replay).expanduser() if args.replay else None,
+    )
     with tqdm(total=config.steps, desc="fine-tuning", unit="step", disable=args.quiet, file=sys.stderr) as bar:
         try:
             while True:
@@ -219,10 +246,18 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     for message in result.warnings:
         print(f"spineseg: warning: {message}", file=sys.stderr)
     print(format_before_after(result.before, result.after))
+    painted = format_painted_class_report(painted_report(result))
+    if painted:
+        print(painted)
     if result.selected_step is not None and result.selected_step != result.steps:
         print(f"kept the weights of step {result.selected_step} of {result.steps} (fixed-set loss within tolerance)")
     if result.new_classes:
         print("new classes: " + ", ".join(f"{c.value} = {c.name}" for c in result.new_classes))
     path = save_finetuned(result, args.output, force=args.force)
     print(f"saved the fine-tuned model to {path} (base {base_path} unchanged)")
+    replay_file = replay_path(path)
+    if result.replay is not None and replay_file.is_file():
+        count = len(result.replay.studies)
+        studies = f"{count} painted stud{'y' if count == 1 else 'ies'}"
+        print(f"saved its replay set ({studies}; patient data, keep it private) to {replay_file}")
     return 0

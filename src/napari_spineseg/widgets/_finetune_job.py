@@ -135,8 +135,12 @@ def save_result(result: Any, name: str) -> Path:
 
 
 def dice_table(result: Any) -> tuple[list[str], list[list[Any]]]:
-    """Headers and rows of the before/after Dice table of a fine-tuning result."""
-    groups = [("corrections", "corrected"), ("fixed_validation", "fixed set")]
+    """Headers and rows of the before/after Dice table of a fine-tuning result.
+
+    Groups: the corrected studies ("corrected before" of a class painted in earlier rounds is the
+    base model's Dice on this study before it was painted: how the class transferred), the
+    replayed painted studies of earlier rounds ("earlier painted") and the fixed validation set."""
+    groups = [("corrections", "corrected"), ("replay", "earlier painted"), ("fixed_validation", "fixed set")]
     groups = [(key, label) for key, label in groups if result.before.get(key) or result.after.get(key)]
     headers = ["class"] + [f"{label} {when}" for _, label in groups for when in ("before", "after")]
     rows = []
