@@ -254,3 +254,24 @@ def test_a_replay_set_that_cannot_be_written_never_costs_the_model(round2, tmp_p
     with pytest.raises(OSError):
         save_finetuned(result, tmp_path / "failed.safetensors", force=True)
     assert not list(tmp_path.glob("failed*"))  # neither a replay set nor a temporary file left behind
+
+
+def test_the_widget_table_shows_the_earlier_painted_studies(round2) -> None:
+    from napari_spineseg.widgets._finetune_job import dice_table
+
+    result, _ = round2
+    headers, rows = dice_table(result)
+    assert headers[:5] == [
+        "class",
+        "corrected before",
+        "corrected after",
+        "earlier painted before",
+        "earlier painted after",
+    ]
+    lesion = next(r for r in rows if r[0] == "lesion")
+    assert lesion[1:5] == [
+        result.before["corrections"]["lesion"],  # the transfer figure: round 1's model on this study
+        result.after["corrections"]["lesion"],
+        result.before["replay"]["lesion"],
+        result.after["replay"]["lesion"],
+    ]
