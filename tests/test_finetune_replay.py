@@ -35,6 +35,7 @@ from napari_spineseg.training.finetune import (
     write_replay,
 )
 from napari_spineseg.training.finetune.dataset import ConcatSlices
+from napari_spineseg.training.finetune.replay import ReplayCrop, ReplayStudy, merge_replay
 from napari_spineseg.training.finetune.run import FinetuneRun
 
 # The shared fixtures and helpers of test_finetune.py (a tiny base model, phantoms, painted lesions).
@@ -275,3 +276,28 @@ def test_the_widget_table_shows_the_earlier_painted_studies(round2) -> None:
         result.before["replay"]["lesion"],
         result.after["replay"]["lesion"],
     ]
+
+
+def _study(name: str, digest: str, megabytes: float = 0.1) -> ReplayStudy:
+    side = int((megabytes * 1e6 / 3 / 3) ** 0.5)
+    crop = ReplayCrop(
+        "sagittal",
+        np.zeros((side, side, 3), np.float16),
+        np.full((side, side, 3), IGNORE, np.uint8),
+        (1.0, 1.0, 1.0),
+        (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+    )
+    return ReplayStudy(name, [crop], [0, 1, 4], [0, 4], "m", digest)
+
+
+def test_merging_keeps_the_most_recent_studies_within_the_caps() -> None:
+    earlier = ReplaySet([_study("a", "1"), _study("b", "2"), _study("c", "3")], 1, {}, {4: "lesion"}, [4])
+    current = ReplaySet([_study("b", "2"), _study("a", "9")], 1, {}, {4: "lesion"}, [4])
+    merged, dropped = merge_replay(current, earlier)
+    # "b" painted again replaces its old crops; another study that is also called "a" is kept apart
+    assert merged.study_names == ["b", "a", "a [2]", "c"] and not dropped
+    capped, dropped = merge_replay(current, earlier, max_studies=3)
+    assert capped.study_names == ["b", "a", "a [2]"] and dropped == ["c"]
+    small, dropped = merge_replay(current, earlier, max_megabytes=0.25)
+    assert small.study_names == ["b", "a"] and dropped == ["a [2]", "c"]
+    assert merged.painted_classes == [4]

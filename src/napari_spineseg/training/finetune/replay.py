@@ -20,6 +20,8 @@ one-line :class:`~napari_spineseg.errors.InputError` (use ``--no-replay`` to go 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +81,7 @@ class ReplayStudy:
     known: list[int]  # class values the study's trusted voxels vouch for (0 included)
     values: list[int]  # class values present on its trusted voxels
     model: str = ""  # the model first fine-tuned on it
+    digest: str = ""  # SHA-256 of the study's image voxels: the same study painted again replaces its crops
 
     @property
     def nbytes(self) -> int:
@@ -200,18 +203,27 @@ def study_crops(
                 )
             )
     values = sorted(int(v) for v in np.unique(labels) if v != IGNORE)
-    return ReplayStudy(name, crops, sorted({0, *(int(v) for v in known)}), values, model)
+    digest = hashlib.sha256(np.ascontiguousarray(image.array).tobytes()).hexdigest()
+    return ReplayStudy(name, crops, sorted({0, *(int(v) for v in known)}), values, model, digest)
 
 
 def merge_replay(
     current: ReplaySet, earlier: ReplaySet | None, max_studies: int = MAX_STUDIES, max_megabytes: float = MAX_MEGABYTES
 ) -> tuple[ReplaySet, list[str]]:
     """The union of ``current`` (most recent first) and ``earlier`` studies within the caps;
-    returns it and the names of the studies dropped.  A study painted again replaces its older crops."""
+    returns it and the names of the studies dropped.  A study painted again (same image voxels)
+    replaces its older crops; different studies of the same name are kept under distinct names."""
     studies = list(current.studies)
     if earlier is not None:
-        names = {s.name for s in studies}
-        studies += [s for s in earlier.studies if s.name not in names]
+        digests = {s.digest for s in studies if s.digest}
+        for study in earlier.studies:
+            if study.digest and study.digest in digests:
+                continue
+            names = {s.name for s in studies}
+            name, number = study.name, 2
+            while name in names:
+                name, number = f"{study.name} [{number}]", number + 1
+            studies.append(dataclasses.replace(study, name=name))
     kept, dropped, total = [], [], 0
     for study in studies:
         if len(kept) < max_studies and total + study.nbytes <= max_megabytes * 1e6:
@@ -244,7 +256,14 @@ def write_replay(replay: ReplaySet, path: str | os.PathLike) -> Path:
                 }
             )
         studies.append(
-            {"name": study.name, "known": study.known, "values": study.values, "model": study.model, "crops": crops}
+            {
+                "name": study.name,
+                "known": study.known,
+                "values": study.values,
+                "model": study.model,
+                "digest": study.digest,
+                "crops": crops,
+            }
         )
     meta = {
         "format": REPLAY_FORMAT,
@@ -301,6 +320,7 @@ def read_replay(path: str | os.PathLike) -> ReplaySet:
                         [int(v) for v in record["known"]],
                         [int(v) for v in record["values"]],
                         str(record.get("model", "")),
+                        str(record.get("digest", "")),
                     )
                 )
             return ReplaySet(
