@@ -68,7 +68,7 @@ def test_core_imports_without_qt_or_napari() -> None:
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import napari_spineseg.io, napari_spineseg.inference, napari_spineseg.metrics, napari_spineseg.training.loop\n"
-        "import napari_spineseg.interpolation\n"
+        "import napari_spineseg.interpolation, napari_spineseg.training.finetune.replay_run\n"
         "import numpy as np\n"
         "from napari_spineseg.levels import identify_levels\n"
         "from napari_spineseg.volume import Volume\n"
