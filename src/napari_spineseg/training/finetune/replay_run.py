@@ -40,19 +40,39 @@ logger = logging.getLogger(__name__)
 class ReplayPhases:
     """Replay of earlier painted studies; expects the attributes :class:`~.run.FinetuneRun` sets."""
 
+    # Set by FinetuneRun's other phases (load_base, prepare_corrections, setup_evaluation, build_training).
+    config: Any
+    base_meta: Any
+    base_path: Path | None
+    planes: list[str]
+    pairs: Sequence[Any]
+    names: list[str]
+    targets: list[Any]
+    new_classes: list[Any]
+    class_names: dict[int, str]
+    model_values: set[int]
+    lut: np.ndarray
+    settings: Any
+    cancel: Any
+    warnings: list[str]
+    train_config_: Any
+
+    def eval_metadata(self, network: Any, model_classes: list[Any]) -> Any:  # FinetuneRun's
+        raise NotImplementedError
+
     replay_source: Any = None  # a path or ReplaySet given by the caller (None: the base model's own)
     replay_in: ReplaySet | None = None
     replay_file: str | None = None
     replay_eval: Sequence[tuple[str, str, EvalCase]] = ()  # (study, plane, case); set by load_replay
 
     def base_preprocess(self) -> PreprocessConfig:
-        meta = self.base_meta  # type: ignore[attr-defined]
+        meta = self.base_meta
         return PreprocessConfig.from_dict(meta.preprocess) if meta.preprocess else PreprocessConfig()
 
     def load_replay(self) -> None:
         """The replay set to train on: the given one, else ``<base>.replay.npz`` beside the base model
         (checked against the checksum recorded in the base); InputError when it does not fit."""
-        config, base_meta = self.config, self.base_meta  # type: ignore[attr-defined]
+        config, base_meta = self.config, self.base_meta
         self.replay_in, self.replay_file, self.replay_eval = None, None, []
         if not config.replay_painted:
             return
@@ -63,11 +83,11 @@ class ReplayPhases:
             path = Path(self.replay_source).expanduser()
             replay, source = read_replay(path), str(path)
         else:
-            base_path = self.base_path  # type: ignore[attr-defined]
+            base_path = self.base_path
             path = replay_path(base_path) if base_path is not None else None
             if path is None or not path.is_file():
                 if recorded:
-                    self.warnings.append(  # type: ignore[attr-defined]
+                    self.warnings.append(
                         f"the replay set of {base_meta.name!r} ({recorded.get('file')}) was not found: its "
                         f"{len(recorded.get('studies') or [])} earlier painted studies are not replayed"
                     )
@@ -80,20 +100,20 @@ class ReplayPhases:
                     "fine-tune with --no-replay or give the right one with --replay FILE"
                 )
             replay, source = read_replay(path), str(path)
-        names = {int(k): v for k, v in self.class_names.items()}  # type: ignore[attr-defined]
+        names = {int(k): v for k, v in self.class_names.items()}
         warnings = check_replay(replay, base_meta.context_slices, self.base_preprocess(), names, source)
-        planes = set(self.planes)  # type: ignore[attr-defined]
+        planes = set(self.planes)
         dropped = sum(1 for s in replay.studies for c in s.crops if c.plane not in planes)
         if dropped:
             warnings.append(f"replay set {source}: {dropped} crop(s) of planes the model does not use are skipped")
-        self.warnings.extend(warnings)  # type: ignore[attr-defined]
+        self.warnings.extend(warnings)
         self.replay_in, self.replay_file = replay, source
 
     def replayed_crops(self):
         """(study, crop index, crop) of the replay set in the model's planes."""
         if self.replay_in is None:
             return
-        planes = set(self.planes)  # type: ignore[attr-defined]
+        planes = set(self.planes)
         for study in self.replay_in.studies:
             for index, crop in enumerate(study.crops):
                 if crop.plane in planes:
@@ -101,7 +121,7 @@ class ReplayPhases:
 
     def setup_replay_evaluation(self) -> None:
         """One evaluation case per replayed crop (scored on its painted slices, in its own plane)."""
-        model_values = self.model_values  # type: ignore[attr-defined]
+        model_values = self.model_values
         cases = []
         for study, index, crop in self.replayed_crops():
             image, labels = crop.volumes(f"{study.name} #{index + 1}")
@@ -113,13 +133,13 @@ class ReplayPhases:
         """(mean Dice per class over the replayed studies, per study) — Dice pooled over a study's crops."""
         if not self.replay_eval:
             return {}, {}
-        meta = self.eval_metadata(network, model_classes)  # type: ignore[attr-defined]
+        meta = self.eval_metadata(network, model_classes)
         preprocess = dataclasses.replace(self.base_preprocess(), normalise=False).to_dict()
-        names = self.class_names  # type: ignore[attr-defined]
+        names = self.class_names
         sums: dict[str, dict[str, np.ndarray]] = {}
         for plane in dict.fromkeys(p for _, p, _ in self.replay_eval):
             chosen = [(s, c) for s, p, c in self.replay_eval if p == plane]
-            settings = dataclasses.replace(self.settings, planes=[Plane(plane)])  # type: ignore[attr-defined]
+            settings = dataclasses.replace(self.settings, planes=[Plane(plane)])
             plane_meta = dataclasses.replace(meta, preprocess=preprocess, planes=[plane])
             evaluation = evaluate_cases(
                 network,
@@ -128,7 +148,7 @@ class ReplayPhases:
                 names,
                 settings,
                 self.cancel,
-                True,  # type: ignore[attr-defined]
+                True,
             )
             while True:
                 try:
@@ -155,7 +175,7 @@ class ReplayPhases:
 
     def painted_training_cases(self) -> list[tuple[TrainingCase, np.ndarray, str]]:
         """The replayed crops as correction samples: (case with class indices, changed mask, plane)."""
-        lut = self.lut  # type: ignore[attr-defined]
+        lut = self.lut
         painted = self.painted_values()
         out = []
         for study, index, crop in self.replayed_crops():
@@ -168,34 +188,34 @@ class ReplayPhases:
 
     def painted_values(self) -> set[int]:
         """Values of the classes learned from painting: this round's new classes and the replay set's."""
-        values = {int(c.value) for c in self.new_classes}  # type: ignore[attr-defined]
-        base_painted = (self.base_meta.training or {}).get("painted_classes") or []  # type: ignore[attr-defined]
+        values = {int(c.value) for c in self.new_classes}
+        base_painted = (self.base_meta.training or {}).get("painted_classes") or []
         values |= {int(r["value"]) for r in base_painted if isinstance(r, dict) and "value" in r}
         if self.replay_in is not None:
             values |= set(self.replay_in.painted_classes)
-        return values & self.model_values  # type: ignore[attr-defined]
+        return values & self.model_values
 
     def replay_to_save(self, training_labels: list[np.ndarray]) -> ReplaySet | None:
         """This round's painted studies (most recent first) and the replay set it trained on, capped."""
-        config, base_meta = self.config, self.base_meta  # type: ignore[attr-defined]
+        config, base_meta = self.config, self.base_meta
         if int(config.replay_max_studies) == 0 or float(config.replay_max_mb) == 0:
             return None
         preprocess = self.base_preprocess()
-        model_name = self.train_config_.model_name  # type: ignore[attr-defined]
+        model_name = self.train_config_.model_name
         studies = []
-        pairs, names, targets = self.pairs, self.names, self.targets  # type: ignore[attr-defined]
+        pairs, names, targets = self.pairs, self.names, self.targets
         for pair, name, target, labels in zip(pairs, names, targets, training_labels):
-            known = pair.known_classes if pair.known_classes is not None else self.model_values  # type: ignore[attr-defined]
+            known = pair.known_classes if pair.known_classes is not None else self.model_values
             try:
                 study = study_crops(
                     pair.image, target, labels, name, preprocess, base_meta.context_slices, known, model_name
                 )
             except (InputError, ValueError) as error:
-                self.warnings.append(f"{name}: not kept for replay ({error})")  # type: ignore[attr-defined]
+                self.warnings.append(f"{name}: not kept for replay ({error})")
                 continue
             if study is not None:
                 studies.append(study)
-        classes = {int(k): str(v) for k, v in self.class_names.items()}  # type: ignore[attr-defined]
+        classes = {int(k): str(v) for k, v in self.class_names.items()}
         current = ReplaySet(
             studies, base_meta.context_slices, normalisation_of(preprocess), classes, sorted(self.painted_values())
         )
@@ -203,7 +223,7 @@ class ReplayPhases:
             current, self.replay_in, int(config.replay_max_studies), float(config.replay_max_mb)
         )
         if dropped:
-            self.warnings.append(  # type: ignore[attr-defined]
+            self.warnings.append(
                 f"the replay set keeps {len(merged.studies)} painted studies (at most {config.replay_max_studies}, "
                 f"{config.replay_max_mb:g} MB); dropped: {', '.join(dropped)}"
             )
@@ -211,7 +231,7 @@ class ReplayPhases:
 
     def replay_record(self, saved: ReplaySet | None) -> dict[str, Any]:
         """Entries of the new model's ``training`` record about painted classes and replay."""
-        names = self.class_names  # type: ignore[attr-defined]
+        names = self.class_names
         painted = sorted(self.painted_values())
         return {
             "painted_classes": [{"value": v, "name": names.get(v, f"class {v}")} for v in painted],
