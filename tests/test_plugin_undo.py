@@ -102,3 +102,43 @@ def test_resegmentation_in_place_is_one_undo_step(viewer, tiny_model) -> None:
     assert checksum(np.asarray(layer.data)) == checksum(second)
     layer.undo()
     assert checksum(np.asarray(layer.data)) == checksum(first)
+
+
+def test_levels_renumbering_and_marking_uncertain_undo_with_their_names(make_napari_viewer, tmp_path) -> None:
+    """Levels up/down and "uncertain" rename the levels: Ctrl+Z restores the voxels *and* the names
+    (hover, legend), colours and the levels record the exports use."""
+    from napari_spineseg._napari_layers import LEVELS_KEY, image_layer_data, labels_layer_data, levels_layer_data
+    from napari_spineseg.levels import identify_levels, read_levels
+    from napari_spineseg.phantom import make_phantom
+
+    study = make_phantom(seed=0, contrast="T2", lesions=2)
+    viewer = make_napari_viewer()
+    data, kwargs, _ = image_layer_data(study.image)
+    viewer.add_image(data, **kwargs)
+    data, kwargs, _ = labels_layer_data(study.labels, name="study labels")
+    labels = viewer.add_labels(data, **kwargs)
+    data, kwargs, _ = levels_layer_data(identify_levels(study.labels), "study levels")
+    levels = viewer.add_labels(data, **kwargs)
+    _, review = viewer.window.add_plugin_dock_widget("napari-spineseg", "Review segmentation")
+    review.labels_combo.set_layer(labels)
+
+    def state():
+        names = list(levels.features["name"])
+        return checksum(np.asarray(levels.data)), names, dict(levels.metadata[LEVELS_KEY]), levels.colormap
+
+    before = state()
+    review.renumber_levels(-1)  # "Levels up one"
+    renumbered = state()
+    assert renumbered[0] != before[0] and "S1" not in renumbered[1]
+    levels.undo()
+    assert state()[:3] == before[:3] and state()[3] is before[3]
+    review.export_labels(tmp_path / "seg.nii.gz", sync=True)  # the exports follow the undo too
+    beside = read_levels(tmp_path / "seg_levels.nii.gz")
+    assert beside.instance("S1") is not None and "renumbered" not in (beside.reason or "")
+    levels.redo()
+    assert state()[:3] == renumbered[:3]
+    levels.undo()
+    review.mark_levels_uncertain()
+    assert not np.any(levels.data) and levels.metadata[LEVELS_KEY]["uncertain"]
+    levels.undo()
+    assert state()[:3] == before[:3] and not levels.metadata[LEVELS_KEY].get("uncertain")
