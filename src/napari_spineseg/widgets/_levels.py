@@ -57,13 +57,10 @@ def apply_result(layer: Any, result: Any) -> int:
     changed = old != new
     indices = np.nonzero(changed)
     change = LabelChange(indices, new[indices], old[indices].copy())
-    writes = [(np.nonzero(changed & (new == value)), int(value)) for value in np.unique(new[changed])]
     _, kwargs, _ = levels_layer_data(result, layer.name)
     with plugin_step(layer, ("colormap", "features"), (LEVELS_KEY,)) as step:
         with plugin_edit(layer):  # one undo step for the whole renumbering
-            for where, value in writes:
-                layer.data_setitem(where, value, refresh=False)
-        layer.refresh()
+            layer.data_setitem(indices, change.values)
         layer.colormap = kwargs["colormap"]
         layer.features = kwargs["features"]
         layer.metadata = {**layer.metadata, LEVELS_KEY: kwargs["metadata"][LEVELS_KEY]}
