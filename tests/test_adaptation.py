@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from napari_spineseg.adaptation import AdaptConfig, adaptation_targets, run_adaptation
+from napari_spineseg.adaptation import AdaptConfig, adaptation_targets, run_adaptation, whole_slice_size
 from napari_spineseg.errors import InputError
 from napari_spineseg.interpolation import next_slice_to_paint
 from napari_spineseg.metrics import dice_score
@@ -73,6 +73,27 @@ def test_adaptation_targets_are_the_painted_slices_and_known_classes_only(phanto
     trusted = targets != IGNORE
     assert trusted.any(axis=tuple(a for a in range(3) if a != axis)).sum() == 1
     assert not np.isin(targets, [9]).any()
+
+
+def test_adaptation_with_whole_slices_of_several_planes(phantom) -> None:
+    """crop_size=None (whole slices) with the three planes: their slices differ in shape and once
+    crashed the batching ("stack expects each tensor to be equal size")."""
+    axis = plane_array_axis(phantom.labels.geometry, Plane.SAGITTAL)
+    truth = phantom.labels.array
+    labels = np.where(truth == VERTEBRAL_BODY, 0, truth).astype(np.uint8)
+    painted = _paint(labels, truth, axis, [9])
+    digest = _digest(labels[painted])
+    config = AdaptConfig(steps=2, batch_size=4, crop_size=None, num_threads=1)
+    assert len(config.planes) == 3
+    result = run_adaptation("spineseg-default", phantom.image, labels, painted, config)
+    assert result.steps == 2 and not result.cancelled
+    assert _digest(result.labels[painted]) == digest
+
+
+def test_whole_slice_size_pads_differing_planes_to_one_square() -> None:
+    assert whole_slice_size([(20, 192, 192), (192, 192, 50), (192, 192, 50)]) == 192
+    assert whole_slice_size([(20, 100, 40), (100, 20, 40)]) == 112  # rounded up to a multiple of 16
+    assert whole_slice_size([(20, 100, 40), (7, 100, 40)]) is None  # one plane's slices: left as they are
 
 
 def test_adaptation_refuses_nothing_painted_and_wrong_shapes(phantom) -> None:

@@ -52,7 +52,7 @@ class AdaptConfig:
     decoder_lr_scale: float = 3.0  # decoder and output layer learn at lr * this (10 overshoots)
     encoder_lr_scale: float = 1.0  # 0: frozen encoder (faster steps, but no adaptation to an unseen site)
     batch_size: int = 4
-    crop_size: int | None = 192
+    crop_size: int | None = 192  # None: whole slices (padded to one common square when the planes differ)
     planes: list[str] = field(default_factory=lambda: [p.value for p in ALL_PLANES])
     changed_priority: float = 4.0
     min_coverage: float = 0.02
@@ -215,6 +215,19 @@ def run_adaptation(*args: Any, **kwargs: Any) -> AdaptationResult:
     return drain(adapt_to_study(*args, **kwargs))
 
 
+def whole_slice_size(stacks: list[tuple[int, ...]], multiple: int = 16) -> int | None:
+    """The square every slice of ``stacks`` ([slices, H, W] shapes) pads to, or None if they already agree.
+
+    Whole slices of different planes (``crop_size=None``) differ in shape and cannot share a
+    batch; padding (image 0, targets IGNORE) to the largest side, rounded up to ``multiple``, lets them.
+    """
+    sides = {tuple(int(n) for n in shape[1:]) for shape in stacks}
+    if len(sides) <= 1:
+        return None
+    largest = max(max(side) for side in sides)
+    return -(-largest // multiple) * multiple
+
+
 def _adapt_run_class() -> type:
     from .training.finetune.classes import finetune_classes, index_lut
     from .training.finetune.config import CorrectionPair
@@ -245,6 +258,15 @@ def _adapt_run_class() -> type:
             self.class_names = {c.value: c.name for c in classes}
             self.model_values = values
             self.lut = index_lut(classes)
+
+        def build_training(self):
+            """The engine's dataset; with ``crop_size=None`` whole slices padded to one common size."""
+            yield from super().build_training()
+            if self.config.crop_size is None:
+                slices = self.dataset.corrections
+                slices.crop_size = whole_slice_size(
+                    [case.planes[p].labels.shape for case in slices.cases for p in slices.planes]
+                )
 
         def on_validation(self, event):
             """No evaluation during an adaptation: the loop's validation events are dropped."""

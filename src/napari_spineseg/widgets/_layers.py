@@ -71,6 +71,31 @@ def replace_in_turns(layer: Any, data: Any, kwargs: dict[str, Any]) -> Iterator[
     layer.visible = True
 
 
+def replace_labels_in_turns(layer: Any, data: np.ndarray, kwargs: dict[str, Any]) -> Iterator[None]:
+    """:func:`replace_in_turns` for a Labels layer as one step of its undo history.
+
+    Only the voxels that differ are written (``Labels.data_setitem``: Ctrl+Z gives back the exact
+    previous array); the colours, features and metadata go back and forth with them
+    (:func:`~._undo.plugin_step`).  Voxels the annotator painted keep their values.
+    """
+    from ._undo import plugin_step, replace_data
+
+    metadata = kwargs["metadata"]
+    keys = tuple(dict.fromkeys([*(layer.metadata or {}), *metadata]))
+    with plugin_step(layer, tuple(k for k in ("colormap", "features") if k in kwargs), keys) as step:
+        for key in ("colormap", "features"):
+            if key in kwargs:
+                setattr(layer, key, kwargs[key])
+        yield
+        step.change = replace_data(layer, data)
+        layer.metadata = metadata
+    yield
+    for key in ("scale", "translate"):
+        if key in kwargs and not np.allclose(getattr(layer, key), kwargs[key]):
+            setattr(layer, key, kwargs[key])
+    layer.visible = True
+
+
 @contextlib.contextmanager
 def _not_activated(layers: Any) -> Iterator[None]:
     """Append without selecting (selecting switches the layer controls: another turn's work)."""

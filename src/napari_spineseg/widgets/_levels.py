@@ -43,25 +43,29 @@ def result_from_layer(layer: Any) -> Any:
 
 
 def apply_result(layer: Any, result: Any) -> int:
-    """Put a corrected result on its layer: the changed voxels as one step of the layer's undo
-    history (Ctrl+Z restores the values; names and metadata follow the next correction only),
-    then the features (names on hover and in the legend), colours and the JSON record.
+    """Put a corrected result on its layer as one step of the layer's undo history: the changed
+    voxels, the features (names on hover and in the legend), colours and the JSON record; Ctrl+Z
+    gives back the voxels and, with them, the names, colours and record of before.
 
     Returns the number of voxels changed.
     """
+    from ..interpolation import LabelChange
+    from ._undo import plugin_edit, plugin_step
+
     old = np.asarray(layer.data)
     new = np.asarray(result.level_map, dtype=old.dtype)
     changed = old != new
-    writes = [(np.nonzero(changed & (new == value)), int(value)) for value in np.unique(new[changed])]
-    with layer.block_history():  # one undo step for the whole renumbering
-        for indices, value in writes:
-            layer.data_setitem(indices, value, refresh=False)
-    layer.refresh()
+    indices = np.nonzero(changed)
+    change = LabelChange(indices, new[indices], old[indices].copy())
     _, kwargs, _ = levels_layer_data(result, layer.name)
-    layer.colormap = kwargs["colormap"]
-    layer.features = kwargs["features"]
-    layer.metadata = {**layer.metadata, LEVELS_KEY: kwargs["metadata"][LEVELS_KEY]}
-    return int(changed.sum())
+    with plugin_step(layer, ("colormap", "features"), (LEVELS_KEY,)) as step:
+        with plugin_edit(layer):  # one undo step for the whole renumbering
+            layer.data_setitem(indices, change.values)
+        layer.colormap = kwargs["colormap"]
+        layer.features = kwargs["features"]
+        layer.metadata = {**layer.metadata, LEVELS_KEY: kwargs["metadata"][LEVELS_KEY]}
+        step.change = change
+    return int(change.size)
 
 
 def go_to_level(viewer: Any, layer: Any, result: Any, name: str) -> tuple[int, int, int] | None:

@@ -17,11 +17,12 @@ from ..orientation import Plane
 from ..volume import Volume
 from ._jobs import LAYER_MODULES, Outcome, in_event_loop_turns, notify_error, notify_info, start_job, warm_up
 from ._layer_data import PREDICTION_KEY, RESULT_KEY, checksum, is_kind, layer_volume, unique_layer_name
-from ._layers import add_in_turns, prepare_layers, replace_in_turns
+from ._layers import add_in_turns, prepare_layers, replace_in_turns, replace_labels_in_turns
 from ._panels import legend_html, legend_label
 from ._pickers import LayerCombo, ModelCombo, model_classes
 from ._settings import load_settings, save_settings
 from ._threads import gui_friendly_torch
+from ._undo import follow_history, in_plugin_edit
 from ._views import PLANE_NAMES, show_plane
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -142,6 +143,7 @@ def _available_devices() -> list[str]:
 
 def is_edited(layer: Any) -> bool:
     """Whether a Labels layer is not (or no longer) an untouched result of this widget."""
+    follow_history(layer)  # a re-segmentation undone since: its metadata goes back too
     meta = (layer.metadata or {}).get(RESULT_KEY)
     if not meta or meta.get("kind", "labels") != "labels":
         return True
@@ -149,6 +151,8 @@ def is_edited(layer: Any) -> bool:
 
 
 def _mark_edited(event: Any) -> None:
+    if in_plugin_edit(event.source):  # the plugin's own edits (a checksum tells whether the result changed)
+        return
     meta = (event.source.metadata or {}).get(RESULT_KEY)
     if meta is not None:
         meta["edited"] = True
@@ -437,9 +441,9 @@ class SegmentWidget(QWidget):
     def _show_labels(self, run: _Run, output: _Output) -> Iterator[None]:
         result = output.result
         data, kwargs, _ = output.labels
-        layer = self._replaceable(run.image_name, data.shape, result.model_name, output.version)
-        if layer is not None:
-            yield from replace_in_turns(layer, data, kwargs)
+        layer = self._replaceable(run.image_name, data.shape, result.model_name, output.version, data.dtype)
+        if layer is not None:  # one step of the layer's undo history (Ctrl+Z: the previous result)
+            yield from replace_labels_in_turns(layer, data, kwargs)
         else:
             layer = output.layers["labels"]
             name = result_name(run.image_name, result.model_name, output.version)
@@ -471,7 +475,11 @@ class SegmentWidget(QWidget):
         stale = [lay for lay in self.viewer.layers if lay.name == name and LEVELS_KEY in (lay.metadata or {})]
         if levels.named and stale:  # new data for the existing layer (removing a layer stalls the viewer)
             data, kwargs, _ = levels_data(levels, name)
-            yield from replace_in_turns(stale.pop(), data, kwargs)
+            layer = stale.pop()
+            if layer.data.shape == data.shape and np.can_cast(data.dtype, layer.data.dtype):
+                yield from replace_labels_in_turns(layer, data, kwargs)  # Ctrl+Z: the levels of before
+            else:
+                yield from replace_in_turns(layer, data, kwargs)
         for old in stale:
             self.viewer.layers.remove(old)
             yield
@@ -486,7 +494,7 @@ class SegmentWidget(QWidget):
             summary = f"levels uncertain: {levels.reason}"
         self.status.setText(f"{self.status.text()}; {summary}")
 
-    def _replaceable(self, image_name: str, shape: tuple, model: str, version: str) -> Any:
+    def _replaceable(self, image_name: str, shape: tuple, model: str, version: str, dtype: Any = np.uint8) -> Any:
         """An earlier, unedited result of the same model for the same image.
 
         Edited results are never overwritten, nor are another model's (base and fine-tuned
@@ -498,7 +506,8 @@ class SegmentWidget(QWidget):
                 continue
             if meta.get("model") != model or str(meta.get("version", "")) != str(version):
                 continue
-            if layer.data.shape == shape and not is_edited(layer):
+            fits = layer.data.shape == shape and np.can_cast(dtype, layer.data.dtype)
+            if fits and not is_edited(layer):
                 return layer
         return None
 
