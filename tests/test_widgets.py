@@ -165,6 +165,7 @@ def test_full_workflow_segment_correct_finetune_resegment(viewer, tiny_model, di
     assert finetune.save_model("tiny-ft") == "tiny-ft"
     assert (dirs / "tiny-ft.safetensors").is_file()
     assert (dirs / "tiny-ft.replay.npz").is_file()  # the painted slices, replayed by the next fine-tune
+    assert "tiny-ft.replay.npz" in finetune.status.text() and "private" in finetune.status.text()
     listed = [segment.model_combo.itemData(i) for i in range(segment.model_combo.count())]
     assert "tiny-ft" in listed  # the Segment widget knows the new model at once
 

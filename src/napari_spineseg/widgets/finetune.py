@@ -355,7 +355,16 @@ class FinetuneWidget(QWidget):
             return None
         self.saved_model = name
         self.resegment_button.setEnabled(True)
-        self.status.setText(f"Saved as {name} ({path}).")
+        from ..training.finetune import replay_path
+
+        replay_file = replay_path(path)
+        private = (
+            f" Its painted slices are kept beside it in {replay_file.name} for the next round:"
+            " patient images, keep that file private (share the model file alone)."
+            if replay_file.is_file()
+            else ""
+        )
+        self.status.setText(f"Saved as {name} ({path}).{private}")
         notify_info(f"Saved model {name!r}")  # the path is in the status line (a toast is cut short)
         models_changed.emit(name)
         return name
