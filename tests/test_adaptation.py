@@ -7,13 +7,14 @@ import hashlib
 import numpy as np
 import pytest
 
-from napari_spineseg.adaptation import AdaptConfig, adaptation_targets, run_adaptation, whole_slice_size
+from napari_spineseg.adaptation import AdaptConfig, adaptation_targets, run_adaptation
 from napari_spineseg.errors import InputError
 from napari_spineseg.interpolation import next_slice_to_paint
 from napari_spineseg.metrics import dice_score
 from napari_spineseg.orientation import Plane, plane_array_axis
 from napari_spineseg.phantom import make_phantom
 from napari_spineseg.schema import IGNORE, VERTEBRAL_BODY
+from napari_spineseg.training.finetune.dataset import whole_slice_size
 
 
 def _digest(array: np.ndarray) -> str:

@@ -761,3 +761,15 @@ def test_measuring_reports_progress_reuses_the_base_figures_and_can_be_skipped(
     skipped, _ = run(measure_forgetting=False)
     assert not skipped.before["fixed_validation"] and skipped.before["corrections"]
     assert any("forgetting is not measured" in w for w in skipped.warnings)
+
+
+def test_whole_slices_of_studies_of_different_sizes_share_batches(base_path: Path, study) -> None:
+    """``crop_size=None``: slices of differently sized studies used to fail to stack into one batch."""
+    pair = CorrectionPair(study.image, study.labels.with_array(painted_labels(study)), study.labels, name="s5")
+    small = make_phantom(size=tuple(n - 8 for n in SIZE), spacing=SPACING, seed=7)
+    reference = TrainingCase(
+        small.image, small.labels.with_array(small.labels.array.astype(np.uint8)), {1, 2, 3}, "small", "phantom", "s"
+    )
+    config = fast_config(steps=3, crop_size=None, val_every=1000, batch_size=8, replay_fraction=0.5)
+    result = run_finetune(base_path, [pair], config, reference_cases=[reference], fixed_validation=[])
+    assert result.steps == 3 and not result.cancelled

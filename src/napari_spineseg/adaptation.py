@@ -215,19 +215,6 @@ def run_adaptation(*args: Any, **kwargs: Any) -> AdaptationResult:
     return drain(adapt_to_study(*args, **kwargs))
 
 
-def whole_slice_size(stacks: list[tuple[int, ...]], multiple: int = 16) -> int | None:
-    """The square every slice of ``stacks`` ([slices, H, W] shapes) pads to, or None if they already agree.
-
-    Whole slices of different planes (``crop_size=None``) differ in shape and cannot share a
-    batch; padding (image 0, targets IGNORE) to the largest side, rounded up to ``multiple``, lets them.
-    """
-    sides = {tuple(int(n) for n in shape[1:]) for shape in stacks}
-    if len(sides) <= 1:
-        return None
-    largest = max(max(side) for side in sides)
-    return -(-largest // multiple) * multiple
-
-
 def _adapt_run_class() -> type:
     from .training.finetune.classes import finetune_classes, index_lut
     from .training.finetune.config import CorrectionPair
@@ -258,15 +245,6 @@ def _adapt_run_class() -> type:
             self.class_names = {c.value: c.name for c in classes}
             self.model_values = values
             self.lut = index_lut(classes)
-
-        def build_training(self):
-            """The engine's dataset; with ``crop_size=None`` whole slices padded to one common size."""
-            yield from super().build_training()
-            if self.config.crop_size is None:
-                slices = self.dataset.corrections
-                slices.crop_size = whole_slice_size(
-                    [case.planes[p].labels.shape for case in slices.cases for p in slices.planes]
-                )
 
         def on_validation(self, event):
             """No evaluation during an adaptation: the loop's validation events are dropped."""

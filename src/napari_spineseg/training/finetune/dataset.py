@@ -159,6 +159,28 @@ def _changed_flags(dataset, changed_masks: Sequence[np.ndarray], geometries: Seq
     return np.asarray([per_case[ci][pi][si] for ci, pi, si in dataset.index], dtype=bool)
 
 
+def whole_slice_size(stacks: Sequence[tuple[int, ...]], multiple: int = 16) -> int | None:
+    """The square every slice of ``stacks`` ([slices, H, W] shapes) pads to, or None if they already agree.
+
+    Whole slices (``crop_size=None``) of different planes or studies differ in shape and cannot
+    share a batch; padding (image 0, targets IGNORE) to the largest side, rounded up to
+    ``multiple``, lets them.
+    """
+    sides = {tuple(int(n) for n in shape[1:]) for shape in stacks}
+    if len(sides) <= 1:
+        return None
+    largest = max(max(side) for side in sides)
+    return -(-largest // multiple) * multiple
+
+
+def _pad_whole_slices_to_one_size(datasets: Sequence[Any]) -> None:
+    """With ``crop_size=None``: give every slice dataset of a run one common (padded) slice size."""
+    parts = [p for d in datasets if d is not None for p in getattr(d, "parts", [d])]
+    size = whole_slice_size([case.planes[p].labels.shape for d in parts for case in d.cases for p in d.planes])
+    for part in parts:
+        part.crop_size = size
+
+
 def build_finetune_dataset(
     corrections: Sequence[TrainingCase],
     changed: Sequence[np.ndarray],
@@ -224,6 +246,8 @@ def build_finetune_dataset(
             keep_empty_fraction=0.15,
             seed=config.seed + 1,
         )
+    if config.crop_size is None:
+        _pad_whole_slices_to_one_size([corrections, replay_slices])
     return FinetuneDataset(
         corrections,
         flags,
