@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import (  # noqa: E402  (the fine-tune benchmark's helpers)
+from bench_finetune import (
     CONFIG_KEYS,
     DATA,
     FIXED,
@@ -49,15 +49,15 @@ from bench_finetune import (  # noqa: E402  (the fine-tune benchmark's helpers)
     take,
 )
 
-from napari_spineseg.errors import InputError  # noqa: E402
-from napari_spineseg.inference import Predictor, SegmentationSettings  # noqa: E402
-from napari_spineseg.lesion_sim import simulate_hemangioma  # noqa: E402
-from napari_spineseg.metrics import dice_score  # noqa: E402
-from napari_spineseg.modelfile import LoadedModel, load_model  # noqa: E402
-from napari_spineseg.orientation import Plane, plane_array_axis  # noqa: E402
-from napari_spineseg.schema import LESION, VERTEBRAL_BODY  # noqa: E402
-from napari_spineseg.training.data import load_lumbar_dataset  # noqa: E402
-from napari_spineseg.training.finetune import CorrectionPair, FinetuneConfig, finetune  # noqa: E402
+from napari_spineseg.errors import InputError
+from napari_spineseg.inference import Predictor, SegmentationSettings
+from napari_spineseg.lesion_sim import simulate_hemangioma
+from napari_spineseg.metrics import dice_score
+from napari_spineseg.modelfile import LoadedModel, load_model
+from napari_spineseg.orientation import Plane, plane_array_axis
+from napari_spineseg.schema import LESION, VERTEBRAL_BODY
+from napari_spineseg.training.data import load_lumbar_dataset
+from napari_spineseg.training.finetune import CorrectionPair, FinetuneConfig, finetune
 
 STUDIES = {"A": "VB3-02", "B": "VB3-04", "C": "VB3-05"}
 SIM = "SIMULATED"
