@@ -177,7 +177,7 @@ def studies_rows(name, before, after, painted, notes) -> list[dict]:
 
 
 STUDY_OBJECTS: dict[str, Study] = {}
-TARGETS = {"round 1": ">= 0.50", "round 2": ">= 0.65"}
+TARGETS = {"round 1": ">= 0.50", "round 2": ">= 0.65", "round 1, whole map": ">= 0.50"}
 
 
 def fixed_rows(name: str, before: dict, after: dict, note: str) -> list[dict]:
@@ -197,14 +197,17 @@ def main() -> int:
     parser.add_argument("--bootstrap-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="lesion placement (study k: seed * 10 + k)")
-    parser.add_argument("--quick", action="store_true", help="20 steps, round 1 only: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="20 steps, round 1 only (no whole map): a smoke run")
     parser.add_argument("--rounds", type=int, default=2, choices=(1, 2))
+    parser.add_argument(
+        "--no-whole-map", dest="whole_map", action="store_false", help="skip round 1 with A as a whole label map"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="a FinetuneConfig field")
     parser.add_argument("--output", help="CSV file (default: results/lesion-transfer.csv)")
     args = parser.parse_args()
     overrides = {k.strip(): json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
     if args.quick:
-        args.steps, args.rounds = min(args.steps, 20), 1
+        args.steps, args.rounds, args.whole_map = min(args.steps, 20), 1, False
     if args.threads:
         import torch
 
@@ -238,26 +241,34 @@ def main() -> int:
     studies = STUDY_OBJECTS
     base_scores = measure(base, studies, painted=set())
     pair_a = painted_pair(studies["A"], predict(base, studies["A"].image))
-    result1, _ = run(finetune(base_path, [pair_a], config, reference_cases=references, fixed_validation=fixed), "r1")
+    tune = lambda model, pairs, label: run(  # noqa: E731
+        finetune(model, pairs, config, reference_cases=references, fixed_validation=fixed), label
+    )[0]
+    result1 = tune(base_path, [pair_a], "r1")
     model1 = LoadedModel(result1.network, result1.metadata)
     scores1 = measure(model1, studies, painted={"A"})
-    note1 = (
-        f"painted: A={studies['A'].case_id} slices {studies['A'].painted_slices}; {args.steps} steps; seed {args.seed}"
-    )
+    a_slices = f"A={studies['A'].case_id} slices {studies['A'].painted_slices}"
+    note1 = f"painted: {a_slices}; {args.steps} steps; seed {args.seed}"
     rows = studies_rows("round 1", base_scores, scores1, {"A"}, note1)
     rows += fixed_rows("round 1", result1.before["fixed_validation"], result1.after["fixed_validation"], note1)
     if args.rounds == 2:
         pair_c = painted_pair(studies["C"], predict(model1, studies["C"].image))
-        fixed2 = fixed
-        result2, _ = run(
-            finetune(model1, [pair_c, pair_a], config, reference_cases=references, fixed_validation=fixed2), "r2"
-        )
-        model2 = LoadedModel(result2.network, result2.metadata)
-        scores2 = measure(model2, studies, painted={"A", "C"})
+        result2 = tune(model1, [pair_c, pair_a], "r2")
+        scores2 = measure(LoadedModel(result2.network, result2.metadata), studies, painted={"A", "C"})
         note2 = f"painted: C={studies['C'].case_id} slices {studies['C'].painted_slices} + A's pair replayed"
         rows += studies_rows("round 2", scores1, scores2, {"A", "C"}, note2)
+        before, after = result1.before["fixed_validation"], result2.after["fixed_validation"]
+        rows += fixed_rows("round 2", before, after, note2 + " (vs base)")
+    if args.whole_map:
+        # `spineseg finetune --image A --labels corrected` without --prediction/--slices: a whole map
+        whole = dataclasses.replace(pair_a, prediction=None, known_classes=None)
+        result = tune(base_path, [whole], "whole")
+        scores = measure(LoadedModel(result.network, result.metadata), studies, painted={"A"})
+        trusted = result.metadata.training["pair_details"][0]["trusted_slices"] or "the whole map"
+        note = f"{a_slices} given as a whole label map (no prediction, no reviewed slices); trusted: {trusted}"
+        rows += studies_rows("round 1, whole map", base_scores, scores, {"A"}, note)
         rows += fixed_rows(
-            "round 2", result1.before["fixed_validation"], result2.after["fixed_validation"], note2 + " (vs base)"
+            "round 1, whole map", result.before["fixed_validation"], result.after["fixed_validation"], note
         )
     report(rows, args, base, source, config, started)
     return 0
@@ -268,12 +279,12 @@ def report(rows, args, base, source, config, started) -> None:
     for r in rows:
         r.update(base=f"{base.metadata.name} ({source})", steps=args.steps, seed=args.seed, config=settings)
     print(f"\nbase model: {base.metadata.name} [{source}]; {args.steps} steps; seed {args.seed}; {SIM} lesions")
-    print(f"{'experiment':22s} {'metric':40s} {'before':>8s} {'after':>8s} {'change':>8s}  target")
+    print(f"{'experiment':30s} {'metric':40s} {'before':>8s} {'after':>8s} {'change':>8s}  target")
     for r in rows:
         fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
         change = "" if r["change_points"] is None else f"{r['change_points']:+.1f}"
         print(
-            f"{r['experiment'][:22]:22s} {r['metric'][:40]:40s} {fmt(r['before']):>8s} {fmt(r['after']):>8s} "
+            f"{r['experiment'][:30]:30s} {r['metric'][:40]:40s} {fmt(r['before']):>8s} {fmt(r['after']):>8s} "
             f"{change:>8s}  {r['target']}"
         )
     out = Path(args.output) if args.output else RESULTS / "lesion-transfer.csv"
