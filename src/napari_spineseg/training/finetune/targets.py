@@ -159,17 +159,18 @@ def _new_class_slices_only(
     axis = plane_array_axis(geometry, plane)
     other = tuple(a for a in range(3) if a != axis)
     slices = [int(i) for i in np.flatnonzero(new.any(axis=other))]
+    if len(slices) == labels.shape[axis]:
+        return CorrectionTargets(labels.copy(), new, None, {}, True)
     trusted = np.zeros(labels.shape, dtype=bool)
     for index in slices:
         trusted[_take(trusted, axis, index)] = True
-    if len(slices) < labels.shape[axis]:
-        logger.warning(
-            "%s: a new class was painted on %d of %d %s slices and no prediction or reviewed slices were given: "
-            "only those slices are trusted (list every slice as reviewed to trust the whole map)",
-            name,
-            len(slices),
-            labels.shape[axis],
-            plane.value,
-        )
+    logger.warning(
+        "%s: a new class was painted on %d of %d %s slices and no prediction or reviewed slices were given: "
+        "only those slices are trusted (list every slice as reviewed to trust the whole map)",
+        name,
+        len(slices),
+        labels.shape[axis],
+        plane.value,
+    )
     target = np.where(trusted, labels, np.uint8(IGNORE)).astype(np.uint8)
     return CorrectionTargets(target, new & trusted, plane.value, {plane.value: slices}, False)
