@@ -14,6 +14,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     "bench_inference.py",
     "bench_finetune.py",
+    "bench_lesion_transfer.py",
     "bench_cohort.py",
     "bench_fuzz.py",
     "bench_faults.py",

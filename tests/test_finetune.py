@@ -391,6 +391,28 @@ def test_cancel_stops_within_one_step_and_writes_nothing(base_path: Path, study,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_whole_map_with_a_painted_new_class_trusts_only_the_painted_slices(
+    base_path: Path, study: TrainingCase
+) -> None:
+    """Issue 17: a label map given without a prediction or reviewed slices, with a lesion painted on
+    a few sagittal slices, labels the rest of each lesion as body; trusting the whole map taught the
+    model that the lesion is body (lesion Dice 0 on the painted study and on the next one)."""
+    labels = painted_labels(study)
+    pair = CorrectionPair(study.image, study.labels.with_array(labels), name="whole")
+    targets = correction_targets(pair, {LESION})
+    assert not targets.whole_map and targets.trusted_slices == {"sagittal": PAINTED}
+    assert np.all(targets.labels[[i for i in range(labels.shape[0]) if i not in PAINTED]] == IGNORE)
+    assert np.array_equal(targets.labels[PAINTED], labels[PAINTED])
+    assert np.array_equal(targets.changed, labels == LESION)
+    assert correction_targets(pair).whole_map  # no new class: the whole map is trusted, as before
+
+    # fine-tuning knows which values are new (those the base model lacks) and trusts the same slices
+    result = run_finetune(base_path, [pair], fast_config(steps=2, val_every=2, replay_fraction=0.0))
+    details = result.metadata.training["pair_details"][0]
+    assert details["trusted_slices"] == {"sagittal": PAINTED} and not details["whole_map_trusted"]
+    assert [c.value for c in result.new_classes] == [LESION]
+
+
 def test_corrections_must_share_the_grid_and_hold_something(study: TrainingCase) -> None:
     shifted = Volume(
         study.labels.array,
@@ -417,6 +439,7 @@ def files(tmp_path: Path, study: TrainingCase) -> dict[str, Path]:
     geometry = study.labels.geometry
     other = geometry.__class__(geometry.size, (3.0, 3.5, 8.0), geometry.origin, geometry.direction)
     paths["shifted"] = write_volume(Volume(study.labels.array, other), tmp_path / "shifted_seg.nii.gz")
+    paths["wreck"] = write_volume(_wrecking_pair(study).labels, tmp_path / "study_wreck.nii.gz")
     return paths
 
 
@@ -702,8 +725,8 @@ def test_cli_refuses_a_forgetful_model_unless_forced(round1, files, base_path, t
         return result
 
     monkeypatch.setattr("napari_spineseg.training.finetune.finetune", forgetful_finetune)
-    output = tmp_path / "worse.safetensors"
-    args = ["finetune", "--model", str(base_path), "--image", str(files["image"]), "--labels", str(files["labels"])]
+    output = tmp_path / "worse.safetensors"  # a whole map that erases every body: it forgets
+    args = ["finetune", "--model", str(base_path), "--image", str(files["image"]), "--labels", str(files["wreck"])]
     args += ["-o", str(output), "-q"]
     assert main(args) == 1
     assert "forgot more than the limit" in _error_line(capsys) and not output.exists()

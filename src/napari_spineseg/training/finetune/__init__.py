@@ -13,7 +13,9 @@ What is trusted
     (corrected ≠ prediction; the plane they were edited in is detected, see
     :func:`correction_targets`) and the slices they reviewed are targets; everything else becomes
     IGNORE (255).  A plane other than the one a slice was reviewed in sees only the voxels lying
-    on that slice (a line per slice).  Without either, the whole corrected label map is trusted.
+    on that slice (a line per slice).  Without either, the whole corrected label map is trusted,
+    unless it holds a new class: then only the slices holding it (in the plane where it is most
+    compact) are, since a lesion painted on one slice is still labelled body on its others.
     ``CorrectionPair.known_classes`` narrows what the annotator vouches for (e.g. only the
     vertebral bodies).  Sampling: slices holding changed voxels (or voxels of a new class) weigh
     ``changed_priority`` times more, and every correction slice is weighted by its share of

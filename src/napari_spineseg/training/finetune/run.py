@@ -201,7 +201,9 @@ class FinetuneRun(ReplayPhases):
         names = [pair_name(p, i) for i, p in enumerate(pairs, start=1)]
         if len(set(names)) != len(names):
             names = [f"{n} [{i}]" for i, n in enumerate(names, start=1)]
-        targets = [correction_targets(p, (), config.edit_plane, n) for p, n in zip(pairs, names)]
+        base_values = {c.value for c in self.base_meta.classes}
+        unknown = [v for v in range(1, IGNORE) if v not in base_values]  # values that would be new classes
+        targets = [correction_targets(p, unknown, config.edit_plane, n) for p, n in zip(pairs, names)]
         values: set[int] = set()
         for target in targets:  # only values on trusted voxels can become classes
             present = np.flatnonzero(np.bincount(target.labels.ravel(), minlength=256))

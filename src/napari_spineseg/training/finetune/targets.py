@@ -100,7 +100,9 @@ def correction_targets(
         if not np.any((labels != 0) & (labels != IGNORE)):
             raise InputError(f"{name}: the corrected label map {labels_name} is empty (no labelled voxel)")
         new = np.isin(labels, np.asarray(sorted(set(new_values)), dtype=np.uint8))
-        return CorrectionTargets(labels.copy(), new, None, {}, True)
+        if not new.any():
+            return CorrectionTargets(labels.copy(), new, None, {}, True)
+        return _new_class_slices_only(labels, new, geometry, edit_plane, name)
 
     trusted = np.zeros(labels.shape, dtype=bool)
     for plane_name, indices in (pair.reviewed_slices or {}).items():
@@ -141,3 +143,34 @@ def correction_targets(
     return CorrectionTargets(
         target, (changed & trusted) | new, detected.value if detected else None, trusted_slices, False
     )
+
+
+def _new_class_slices_only(
+    labels: np.ndarray, new: np.ndarray, geometry, edit_plane: str, name: str
+) -> CorrectionTargets:
+    """A whole label map holding a new class: only the slices the new class was painted on are trusted.
+
+    Everywhere else the map cannot vouch that the new class is absent: a lesion painted on one
+    sagittal slice is still labelled vertebral body on its other slices, and trusting those taught
+    the model that the lesion is body (issue 17: lesion Dice 0 on the painted study and on the next
+    one).  The slices are those of the plane in which the new class is most compact.
+    """
+    plane = Plane(edit_plane) if edit_plane != "auto" else detect_edit_plane(new, geometry)
+    axis = plane_array_axis(geometry, plane)
+    other = tuple(a for a in range(3) if a != axis)
+    slices = [int(i) for i in np.flatnonzero(new.any(axis=other))]
+    if len(slices) == labels.shape[axis]:
+        return CorrectionTargets(labels.copy(), new, None, {}, True)
+    trusted = np.zeros(labels.shape, dtype=bool)
+    for index in slices:
+        trusted[_take(trusted, axis, index)] = True
+    logger.warning(
+        "%s: a new class was painted on %d of %d %s slices and no prediction or reviewed slices were given: "
+        "only those slices are trusted (list every slice as reviewed to trust the whole map)",
+        name,
+        len(slices),
+        labels.shape[axis],
+        plane.value,
+    )
+    target = np.where(trusted, labels, np.uint8(IGNORE)).astype(np.uint8)
+    return CorrectionTargets(target, new & trusted, plane.value, {plane.value: slices}, False)
