@@ -75,10 +75,13 @@ def main() -> None:
     extra = dict(trained.metadata.extra)
     if args.test_time_mirror:
         extra["inference"] = {**(extra.get("inference") or {}), "test_time_mirror": True}
+    same_values = [c.value for c in previous.classes] == [c.value for c in trained.metadata.classes]
     metadata = dataclasses.replace(
         trained.metadata,
         name=args.name or previous.name,
-        description=args.description or trained.metadata.description,
+        description=args.description or previous.description or trained.metadata.description,
+        # the bundled class names and colours (e.g. the canal's "experimental" caveat) carry over
+        classes=list(previous.classes) if same_values else trained.metadata.classes,
         extra=extra,
         version=str(args.version),
         postprocess=previous.postprocess,

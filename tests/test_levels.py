@@ -359,3 +359,34 @@ def test_cli_report_names_levels_from_a_corrected_level_map(phantom, tmp_path: P
     report = json.loads(out.read_text())
     bodies = [r["name"] for r in report["levels"] if r["value"] == VERTEBRAL_BODY]
     assert bodies[-2:] == ["L4", "L5"]  # the automatic naming says L5, S1
+
+
+def test_sacrum_missing_from_the_segmentation_is_anchored_on_the_l5s1_disc(phantom) -> None:
+    """No sacrum body under the L5/S1 disc: counted up from L5 when that disc leans like L5/S1."""
+    full = identify_levels(phantom.labels)
+    labels = phantom.labels.array.copy()
+    labels[full.level_map == level_value("S1")] = 0
+    result = identify_levels(phantom.labels.with_array(labels))
+    assert result.status == "named", result.reason
+    assert [i.name for i in result.instances if i.kind == "body"] == phantom.levels[:-1]  # T10 .. L5
+    assert [i.name for i in result.instances if i.kind == "disc"][-1] == "L5/S1"
+    assert "sacrum is not in the segmentation" in result.reason
+    assert result.instance("L3").confidence < full.instance("L3").confidence
+    # Without the L5 body too, the lowest disc is L4/L5 under L4: it does not lean like L5/S1.
+    labels[full.level_map == level_value("L5")] = 0
+    assert identify_levels(phantom.labels.with_array(labels)).status == "uncertain"
+
+
+@pytest.mark.slow
+def test_held_out_vb3_study_with_a_segmented_sacral_remnant_is_named(data_dir: Path) -> None:
+    """VB3-01: the model marks the small S1/S2 disc inside the sacrum; L1..L5 still named as the truth says."""
+    from napari_spineseg.inference import Predictor, SegmentationSettings
+
+    predictor = Predictor(SegmentationSettings(device="cpu"))
+    predictor.load("spineseg-default")
+    result = identify_levels(predictor.predict(read_volume(data_dir / "lumbar-mri" / "VB3" / "01_img.nii.gz")).labels)
+    assert result.status == "named", result.reason
+    truth = read_volume(data_dir / "lumbar-mri" / "VB3" / "01_seg.nii.gz").array
+    for label in range(1, 6):  # 1..5 = L1..L5
+        values = result.level_map[truth == label]
+        assert np.bincount(values[(values > 0) & (values < 100)]).argmax() == 19 + label

@@ -300,18 +300,60 @@ RUDIMENTARY_DISC_FRACTION = 0.3
 
 
 def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> _Naming:
-    """Anchor on the sacrum (the lowest body) and count up; uncertain with a reason when in doubt."""
+    """Anchor on the sacrum and count up; uncertain with a reason when in doubt.
+
+    The sacrum is the lowest body when no disc lies below it.  When exactly one disc lies below the
+    lowest body and that disc leans like L5/S1, the lowest body is L5 and the (unsegmented) sacrum
+    lies under that disc; the anchor's confidence is lower then.
+    """
     naming = _Naming([0] * len(bodies), [0] * len(discs))
+    first, between = _alternation(bodies, discs, naming)
+    if naming.reason:
+        return naming
+    typical_disc = float(np.median([len(d.voxels) for d in discs]))
+    below = [d for d in discs + stray_discs if d.si > bodies[-1].si and len(d.voxels) >= 0.1 * typical_disc]
+    if _sacral_remnant(below, discs[between[-1][0]], typical_disc):
+        below = []  # the rudimentary S1/S2 disc inside the sacrum: the lowest body is the sacrum
+        naming.note = " ".join(filter(None, [naming.note, "a rudimentary disc inside the sacrum (S1/S2) is not named"]))
+    sacrum_segmented = not below
+    if sacrum_segmented:
+        lowest, above = discs[between[-1][0]], discs[between[-2][0]]
+    elif len(below) == 1 and any(d is below[0] for d in discs) and len(bodies) - first >= 3:
+        lowest, above = below[0], discs[between[-1][0]]
+    else:
+        naming.reason = "a disc lies below the lowest vertebral body: the sacrum is not in the segmentation"
+        return naming
+    margin = _lumbosacral_margin(lowest, above, typical_disc, naming)
+    if naming.reason:
+        if not sacrum_segmented:
+            naming.reason = "the sacrum is not in the segmentation and " + naming.reason
+        return naming
+    lumbar_and_above = len(bodies) - first - (1 if sacrum_segmented else 0)
+    if lumbar_and_above > L5:
+        naming.reason = f"{lumbar_and_above} vertebral bodies above the sacrum: more than C1..L5"
+        return naming
+    naming.confidence = round(0.5 + 0.5 * float(np.clip(margin, 0.0, 1.0)), 3)
+    if not sacrum_segmented:
+        naming.confidence = round(0.8 * naming.confidence, 3)
+        naming.note = " ".join(
+            filter(None, [naming.note, "the sacrum is not in the segmentation: L5/S1 recognised by the disc's lean"])
+        )
+    _assign_values(naming, bodies, discs, between, first, lowest_is_sacrum=sacrum_segmented, l5s1=lowest)
+    return naming
+
+
+def _alternation(bodies: list[_Part], discs: list[_Part], naming: _Naming) -> tuple[int, list[list[int]]]:
+    """(first body counted, discs between consecutive bodies); sets ``naming.reason`` when too few."""
     if not bodies:
         naming.reason = "no vertebral body in the segmentation"
-        return naming
+        return 0, []
     if not discs:
         naming.reason = "no intervertebral disc in the segmentation: the L5/S1 disc cannot be recognised"
-        return naming
+        return 0, []
     if len(bodies) < 3:
         plural = "y" if len(bodies) == 1 else "ies"
         naming.reason = f"only {len(bodies)} vertebral bod{plural} in view: too few to recognise the sacrum"
-        return naming
+        return 0, []
     between = [[k for k, d in enumerate(discs) if upper.si < d.si < lower.si] for upper, lower in pairwise(bodies)]
     # Count up from the sacrum only as far as bodies and discs alternate: above a gap nothing is named.
     irregular = [i for i, found in enumerate(between) if len(found) != 1]
@@ -325,50 +367,75 @@ def _name(bodies: list[_Part], discs: list[_Part], stray_discs: list[_Part]) -> 
         )
         if len(bodies) - first < 3:
             naming.reason = naming.note
-            return naming
+            return first, between
         unnamed = "body 1" if first == 1 else f"bodies 1..{first}"
         naming.note = f"{unnamed} (counted from the top) not named: {naming.note}"
-    typical_disc = float(np.median([len(d.voxels) for d in discs]))
-    below = [d for d in discs + stray_discs if d.si > bodies[-1].si and len(d.voxels) >= 0.1 * typical_disc]
-    if below:
-        naming.reason = "a disc lies below the lowest vertebral body: the sacrum is not in the segmentation"
-        return naming
-    lowest, above = discs[between[-1][0]], discs[between[-2][0]]
+    return first, between
+
+
+def _leans_like_l5s1(lowest: _Part, above: _Part) -> tuple[float, float, bool]:
+    """(tilt, tilt minus the disc above's, whether that is the lean of an L5/S1 disc)."""
     tilt = lowest.sagittal_tilt()
     increment = tilt - above.sagittal_tilt()
+    ok = (
+        MIN_SACRAL_SLOPE <= tilt <= MAX_SACRAL_SLOPE
+        and increment >= MIN_LUMBOSACRAL_INCREMENT
+        and tilt + increment >= MIN_LUMBOSACRAL_SCORE
+    )
+    return tilt, increment, ok
+
+
+def _sacral_remnant(below: list[_Part], disc_above_lowest_body: _Part, typical_disc: float) -> bool:
+    """Is the only disc below the lowest body the S1/S2 remnant (small, not leaning like L5/S1, while
+    the disc above the lowest body does)?"""
+    if len(below) != 1 or len(below[0].voxels) >= RUDIMENTARY_DISC_FRACTION * typical_disc:
+        return False
+    return not _leans_like_l5s1(below[0], disc_above_lowest_body)[2]
+
+
+def _lumbosacral_margin(lowest: _Part, above: _Part, typical_disc: float, naming: _Naming) -> float:
+    """How clearly ``lowest`` leans like an L5/S1 disc against ``above`` (≥ 0: it does); else a reason."""
+    tilt, increment, leans_like_l5s1 = _leans_like_l5s1(lowest, above)
     naming.evidence = {"the L5/S1 disc leans": tilt, "more than L4/L5 by": increment}
-    if (
-        not MIN_SACRAL_SLOPE <= tilt <= MAX_SACRAL_SLOPE
-        or increment < MIN_LUMBOSACRAL_INCREMENT
-        or tilt + increment < MIN_LUMBOSACRAL_SCORE
-    ):
+    if not leans_like_l5s1:
         naming.reason = (
             f"the lowest disc leans {tilt:.0f}° ({increment:+.0f}° against the disc above), not like an L5/S1 "
             "disc: the sacrum is not recognised (cropped field of view?)"
         )
-        return naming
+        return -1.0
     if len(lowest.voxels) < RUDIMENTARY_DISC_FRACTION * typical_disc:
         naming.reason = (
             "the lowest disc is rudimentary: possible transitional lumbosacral vertebra (L6 / sacralisation)"
         )
-        return naming
-    if len(bodies) - first - 1 > L5:
-        naming.reason = f"{len(bodies) - first - 1} vertebral bodies above the sacrum: more than C1..L5"
-        return naming
-    margins = (
+        return -1.0
+    return min(
         (tilt - MIN_SACRAL_SLOPE) / 10.0,
         (increment - MIN_LUMBOSACRAL_INCREMENT) / 8.0,
         (tilt + increment - MIN_LUMBOSACRAL_SCORE) / 15.0,
     )
-    naming.confidence = round(0.5 + 0.5 * float(np.clip(min(margins), 0.0, 1.0)), 3)
+
+
+def _assign_values(
+    naming: _Naming,
+    bodies: list[_Part],
+    discs: list[_Part],
+    between: list[list[int]],
+    first: int,
+    lowest_is_sacrum: bool,
+    l5s1: _Part,
+) -> None:
+    """VerSe values counted up from the sacrum (the lowest body) or from L5 (sacrum not segmented)."""
     count = len(bodies) - first
-    naming.body_values = [0] * first + [L5 - (count - 2 - i) for i in range(count - 1)] + [S1]
+    if lowest_is_sacrum:
+        naming.body_values = [0] * first + [L5 - (count - 2 - i) for i in range(count - 1)] + [S1]
+    else:
+        naming.body_values = [0] * first + [L5 - (count - 1 - i) for i in range(count)]
+        naming.disc_values[next(k for k, d in enumerate(discs) if d is l5s1)] = DISC_OFFSET + L5
     for i in range(first, len(between)):
         naming.disc_values[between[i][0]] = DISC_OFFSET + naming.body_values[i]
     top = [k for k, d in enumerate(discs) if d.si < bodies[0].si]
     if top and first == 0 and naming.body_values[0] > 1:
         naming.disc_values[top[-1]] = DISC_OFFSET + naming.body_values[0] - 1
-    return naming
 
 
 # --- the result --------------------------------------------------------------------------------
