@@ -12,9 +12,9 @@ different vertebral bodies (:mod:`napari_spineseg.lesion_sim`; one random genera
   is fine-tuned (default :class:`FinetuneConfig`, 200 steps) and the studies re-segmented: lesion
   Dice on A's other slices, on B and on C (neither painted); fixed-set Dice per class before/after.
 * **Round 2**: C's lesions are painted the same way on the round-1 model's prediction; the
-  round-1 model is fine-tuned on C's pair *and* A's pair again (the simple replay of earlier
-  painted studies): lesion Dice on B (never painted), A's and C's other slices; forgetting
-  against the original base.
+  round-1 model, saved as a user would (with its replay set of A's painted slices beside it), is
+  fine-tuned on C's pair, A's painted slices replayed from that set: lesion Dice on B (never
+  painted), A's and C's other slices; forgetting against the original base.
 * **Round 1, whole map**: round 1 with A's corrected labels given without the prediction (what
   ``spineseg finetune --image A --labels corrected`` without ``--prediction``/``--slices`` does):
   the whole map is trusted, except that a map holding a new class is trusted only on the slices
@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ from napari_spineseg.modelfile import LoadedModel, load_model
 from napari_spineseg.orientation import Plane, plane_array_axis
 from napari_spineseg.schema import LESION, VERTEBRAL_BODY
 from napari_spineseg.training.data import load_lumbar_dataset
-from napari_spineseg.training.finetune import CorrectionPair, FinetuneConfig, finetune
+from napari_spineseg.training.finetune import CorrectionPair, FinetuneConfig, finetune, save_finetuned
 
 STUDIES = {"A": "VB3-02", "B": "VB3-04", "C": "VB3-05"}
 SIM = "SIMULATED"
@@ -257,9 +258,12 @@ def main() -> int:
     rows += fixed_rows("round 1", result1.before["fixed_validation"], result1.after["fixed_validation"], note1)
     if args.rounds == 2:
         pair_c = painted_pair(studies["C"], predict(model1, studies["C"].image))
-        result2 = tune(model1, [pair_c, pair_a], "r2")
+        with tempfile.TemporaryDirectory() as folder:  # saved as a user would: the replay set goes beside it
+            path1 = save_finetuned(result1, Path(folder) / "round1.safetensors")
+            result2 = tune(path1, [pair_c], "r2")  # A's painted slices come back from round1.replay.npz
         scores2 = measure(LoadedModel(result2.network, result2.metadata), studies, painted={"A", "C"})
-        note2 = f"painted: C={studies['C'].case_id} slices {studies['C'].painted_slices} + A's pair replayed"
+        replayed = ", ".join((result2.metadata.training.get("replayed") or {}).get("studies") or []) or "nothing"
+        note2 = f"painted: C={studies['C'].case_id} slices {studies['C'].painted_slices}; replay set: {replayed}"
         rows += studies_rows("round 2", scores1, scores2, {"A", "C"}, note2)
         before, after = result1.before["fixed_validation"], result2.after["fixed_validation"]
         rows += fixed_rows("round 2", before, after, note2 + " (vs base)")
