@@ -133,14 +133,18 @@ def _ids(text: str | None) -> list[str]:
 
 
 def format_before_after(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    """A table of per-class Dice before/after on the fixed validation set, the corrections and the
+    """A table of per-class Dice before/after on the fixed validation set (and against the original
+    model of the chain of rounds, when it is not this round's base), the corrections and the
     replayed earlier painted studies (when there are any)."""
     rows = [f"{'set':18s} {'class':24s} {'before':>8s} {'after':>8s} {'change':>8s}"]
-    groups = [("fixed_validation", "fixed validation"), ("corrections", "corrected studies")]
+    groups = [("fixed_validation", "fixed validation")]
+    if before.get("fixed_validation_origin"):
+        groups.append(("fixed_validation_origin", "fixed vs original"))
+    groups.append(("corrections", "corrected studies"))
     if before.get("replay") or after.get("replay"):
         groups.append(("replay", "earlier painted"))
     for key, label in groups:
-        b, a = before.get(key) or {}, after.get(key) or {}
+        b, a = before.get(key) or {}, after.get(key.removesuffix("_origin")) or {}
         names = list(dict.fromkeys([*b, *a]))
         if not names:
             rows.append(f"{label:18s} {'(none)':24s}")
@@ -150,6 +154,8 @@ def format_before_after(before: Mapping[str, Any], after: Mapping[str, Any]) -> 
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             rows.append(f"{label:18s} {name[:24]:24s} {fmt(vb):>8s} {fmt(va):>8s} {change:>8s}")
     rows.append("(Dice; 'corrected studies' counts only the trusted voxels; change in points)")
+    if before.get("fixed_validation_origin"):
+        rows.append("('fixed vs original': before = the original model of these fine-tuning rounds)")
     return "\n".join(rows)
 
 

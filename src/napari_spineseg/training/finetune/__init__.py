@@ -54,7 +54,11 @@ Forgetting
     ``select_by_validation`` the kept weights are those of the evaluated step whose fixed-set
     Dice fell by at most ``max_forgetting`` (1 point) for every class and that scored best on the
     corrections (the step that forgot least, with a warning, if none did); the held-out parts of
-    a study are never used to choose.
+    a study are never used to choose.  Across rounds the loss is also bounded cumulatively: the
+    fixed-set figures of the original model (the first base that is not a fine-tune) are carried
+    in every fine-tuned model (``training["fixed_validation_origin"]``) and each class may lose at
+    most ``max_forgetting`` against them too (``before["fixed_validation_origin"]``; not applied,
+    with a warning, when they were measured on another fixed set).
 
 The result is a new model (metadata with full provenance: base name and checksums, pairs,
 steps, lr, new classes, before/after); :func:`save_finetuned` writes it atomically and refuses
@@ -83,7 +87,7 @@ Layout (one module per section; every public name is re-exported here)
 from .cases import case_record, cases_from_base_metadata, fixed_validation_ids, load_case_record
 from .config import MAX_LABEL_VALUE, CorrectionPair, FinetuneConfig, FinetuneResult
 from .dataset import FinetuneDataset, build_finetune_dataset
-from .evaluation import fixed_cache_path
+from .evaluation import fixed_cache_path, fixed_origin
 from .regularisers import ReplayDistillation, WeightAnchor, lr_param_groups
 from .replay import (
     REPLAY_SUFFIX,
@@ -102,6 +106,7 @@ from .saving import (
     finetuned_output_path,
     forgetting,
     forgetting_beyond_limit,
+    forgetting_from_origin,
     save_finetuned,
 )
 from .surgery import fuse_new_rows, grow_head, speed_up_new_rows, unfreeze_batchnorm
@@ -135,9 +140,11 @@ __all__ = [
     "finetune",
     "finetuned_output_path",
     "fixed_cache_path",
+    "fixed_origin",
     "fixed_validation_ids",
     "forgetting",
     "forgetting_beyond_limit",
+    "forgetting_from_origin",
     "format_painted_class_report",
     "load_case_record",
     "painted_class_report",

@@ -152,3 +152,64 @@ def write_fixed_cache(key: str, means: Mapping[str, float], cases: Mapping[str, 
         os.replace(temp, path)
     except OSError as error:
         logger.warning("cannot cache the fixed-set figures in %s: %s", path, error)
+
+
+# The original model's fixed-set figures (the cumulative forgetting reference) ------------------------
+def is_finetuned(metadata: ModelMetadata) -> bool:
+    """Whether ``metadata`` is of a fine-tuned model (one with a base it was fine-tuned from)."""
+    training = metadata.training or {}
+    return training.get("recipe") == "finetune" or bool(training.get("finetuned_from"))
+
+
+def recorded_origin(metadata: ModelMetadata) -> dict[str, Any] | None:
+    """The fixed-set figures of the original model of a fine-tuned model's chain, as recorded in
+    ``training["fixed_validation_origin"]`` (``{"model", "cases", "fixed_validation"}``); for a
+    first-round model saved before that record existed, rebuilt from its ``before`` figures."""
+    training = metadata.training or {}
+    record = training.get("fixed_validation_origin")
+    if record:
+        return dict(record)
+    before = (training.get("before") or {}).get("fixed_validation")
+    if int(training.get("round", 0) or 0) == 1 and before:
+        model = ((training.get("lineage") or [None])[0]) or training.get("finetuned_from") or {}
+        return {
+            "model": {"name": model.get("name"), "content_sha256": model.get("content_sha256")},
+            "cases": sorted(str(r.get("case_id")) for r in training.get("fixed_validation") or []),
+            "fixed_validation": dict(before),
+        }
+    return None
+
+
+def fixed_origin(
+    base: ModelMetadata, base_digest: str, base_figures: Mapping[str, float], case_ids: Sequence[str]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the origin record for the new model, a warning): the base's own figures when the base is
+    not a fine-tune; the base's recorded origin when it was measured on the same fixed set
+    (``case_ids``); otherwise the base's figures with a warning (only this round's loss is
+    guarded).  Without fixed-set figures, the base's recorded origin is carried on (or None)."""
+    if not base_figures or not case_ids:
+        return (recorded_origin(base) if is_finetuned(base) else None), None
+    own = {
+        "model": {"name": base.name, "version": base.version, "content_sha256": base_digest},
+        "cases": sorted(case_ids),
+        "fixed_validation": dict(base_figures),
+    }
+    if not is_finetuned(base):
+        return own, None
+    origin = recorded_origin(base)
+    if origin is not None and sorted(origin.get("cases") or []) == own["cases"] and origin.get("fixed_validation"):
+        return origin, None
+    why = "has no record of them" if origin is None else "measured them on a different fixed set"
+    return own, (
+        f"the base model {base.name!r} {why}: the original model's fixed-set figures are not known, so only "
+        "this round's forgetting is guarded (the cumulative loss since the original model is not)"
+    )
+
+
+def cumulative_drops(origin: Mapping[str, float], figures: Mapping[str, Any]) -> dict[str, float]:
+    """Per class, the Dice points ``figures`` lost against the original model's ``origin`` figures."""
+    return {
+        k: round(100 * (float(origin[k]) - float(v)), 2)
+        for k, v in figures.items()
+        if k in origin and v is not None and origin[k] is not None
+    }

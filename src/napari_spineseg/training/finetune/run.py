@@ -28,8 +28,10 @@ from .config import CorrectionPair, FinetuneConfig, FinetuneResult
 from .dataset import build_finetune_dataset
 from .evaluation import (
     EvalCase,
+    cumulative_drops,
     evaluate_cases,
     fixed_cache_key,
+    fixed_origin,
     read_fixed_cache,
     reporting,
     write_fixed_cache,
@@ -43,19 +45,27 @@ from .targets import correction_targets, pair_name
 logger = logging.getLogger(__name__)
 
 
-def select_step(history: Sequence[Mapping[str, Any]], before: Mapping[str, float], tolerance: float) -> int | None:
+def select_step(
+    history: Sequence[Mapping[str, Any]],
+    before: Mapping[str, float],
+    tolerance: float,
+    origin: Mapping[str, float] | None = None,
+) -> int | None:
     """Index into ``history`` of the evaluated step to keep.
 
-    Candidates: steps whose fixed-set Dice dropped by at most ``tolerance`` for every class; among
-    them the one with the best mean Dice on the corrected studies (later steps win ties).  When none
-    qualifies, the step whose worst per-class drop is smallest.  None without any history.
+    Candidates: steps whose fixed-set Dice dropped by at most ``tolerance`` for every class, both
+    against ``before`` (this round's base) and against ``origin`` (the original model of the chain
+    of rounds, when given); among them the one with the best mean Dice on the corrected studies
+    (later steps win ties).  When none qualifies, the step whose worst per-class drop is smallest.
+    None without any history.
     """
     if not history:
         return None
+    references = [before, *([origin] if origin else [])]
 
     def worst_drop(record) -> float:
         fixed = record.get("fixed_validation") or {}
-        drops = [float(before[k]) - float(v) for k, v in fixed.items() if k in before and v is not None]
+        drops = [float(r[k]) - float(v) for r in references for k, v in fixed.items() if k in r and v is not None]
         return max(drops, default=0.0)
 
     def corrected(record) -> float:
@@ -168,6 +178,7 @@ class FinetuneRun(ReplayPhases):
         self.last_eval: tuple[int, dict[str, Any]] | None = None
         self.selected_step: int | None = None
         self.selection: dict[str, Any] = {}
+        self.origin: dict[str, Any] | None = None  # the original model's fixed-set figures (see fixed_origin)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
@@ -344,7 +355,20 @@ class FinetuneRun(ReplayPhases):
             return None
         if self.cancel is not None and self.cancel.is_set():
             return None
+        self.reference_origin()
         return base_predictions
+
+    def reference_origin(self) -> None:
+        """The original model's fixed-set figures (the cumulative forgetting reference); shown in
+        ``before["fixed_validation_origin"]`` when the original model is not this round's base."""
+        ids = [c.name for c in self.fixed_eval]
+        figures = self.before.get("fixed_validation") or {}
+        self.origin, warning = fixed_origin(self.base_meta, self.base_digest, figures, ids)
+        if warning is not None:
+            self.warnings.append(warning)
+            logger.warning(warning)
+        if self.origin is not None and self.origin["model"].get("content_sha256") != self.base_digest:
+            self.before["fixed_validation_origin"] = dict(self.origin["fixed_validation"])
 
     def grow_head(self, base_predictions: list) -> Generator[TrainEvent, None, None]:
         """The network to train: the base grown by the new classes, each starting from the class the
@@ -550,7 +574,8 @@ class FinetuneRun(ReplayPhases):
         if config.select_by_validation:
             self.selection["max_forgetting"] = float(config.max_forgetting)
         if config.select_by_validation and not outcome.cancelled and history and before.get("fixed_validation"):
-            chosen = select_step(history, before["fixed_validation"], float(config.max_forgetting))
+            origin = before.get("fixed_validation_origin")
+            chosen = select_step(history, before["fixed_validation"], float(config.max_forgetting), origin)
             if chosen is not None and history[chosen]["step"] in self.snapshots:
                 selected_step = self.selected_step = int(history[chosen]["step"])
                 if selected_step != outcome.steps:
@@ -561,10 +586,15 @@ class FinetuneRun(ReplayPhases):
                     if k in before["fixed_validation"]
                 }
                 self.selection.update(step=selected_step, fixed_drop_points=drops)
-                if max(drops.values(), default=0.0) > 100 * float(config.max_forgetting) + 1e-6:
+                worst, since = max(drops.values(), default=0.0), ""
+                if origin:
+                    cumulative = cumulative_drops(origin, history[chosen]["fixed_validation"])
+                    self.selection["fixed_drop_points_origin"] = cumulative
+                    worst, since = max([worst, *cumulative.values()]), f" (since the original model: {cumulative})"
+                if worst > 100 * float(config.max_forgetting) + 1e-6:
                     self.warnings.append(
                         f"the fixed-set Dice dropped by more than {100 * config.max_forgetting:g} point(s) at every "
-                        f"evaluated step; kept step {selected_step}, the one that forgot least ({drops})"
+                        f"evaluated step; kept step {selected_step}, the one that forgot least ({drops}){since}"
                     )
                     logger.warning(self.warnings[-1])
                 if selected_step != outcome.steps:
@@ -646,6 +676,7 @@ class FinetuneRun(ReplayPhases):
                 "new_class_weight": self.new_weight,
                 "new_class_parents": {str(classes[i].value): classes[p].value for i, p in self.parents.items()},
                 "fixed_validation": [case_record(c) for c in self.fixed],
+                "fixed_validation_origin": self.origin,
                 "reference_cases": [case_record(c) for c in self.references],
                 "before": self.before,
                 "after": after,

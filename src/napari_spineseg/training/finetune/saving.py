@@ -11,6 +11,7 @@ from typing import Any
 from ...errors import Cancelled, InputError
 from ...modelfile import ModelMetadata
 from .config import FinetuneConfig, FinetuneResult
+from .evaluation import cumulative_drops
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +77,29 @@ def forgetting(result: FinetuneResult) -> dict[str, float]:
     }
 
 
+def forgetting_from_origin(result: FinetuneResult) -> dict[str, float]:
+    """Per class, how many Dice points the fine-tuned model lost on the fixed validation set since
+    the original model of its chain of rounds (empty when that model is this round's base)."""
+    origin = (result.before or {}).get("fixed_validation_origin") or {}
+    return cumulative_drops(origin, (result.after or {}).get("fixed_validation") or {})
+
+
 def forgetting_beyond_limit(result: FinetuneResult) -> str | None:
-    """Why the model should not be saved (it forgot more than its ``max_forgetting``), or None."""
+    """Why the model should not be saved (it forgot more than its ``max_forgetting`` in this round
+    or, cumulatively, since the original model), or None."""
     config = (result.metadata.training or {}).get("config") or {}
     limit = 100 * float(config.get("max_forgetting", FinetuneConfig.max_forgetting))
-    drops = forgetting(result)
-    worse = {k: v for k, v in drops.items() if v > limit + 1e-6}
-    if not worse:
+    parts = []
+    for drops, since in ((forgetting(result), ""), (forgetting_from_origin(result), " since the original model")):
+        worse = {k: v for k, v in drops.items() if v > limit + 1e-6}
+        if worse:
+            shown = ", ".join(f"{k} -{v:g}" for k, v in sorted(worse.items(), key=lambda kv: -kv[1]))
+            parts.append(f"{shown}{since}")
+    if not parts:
         return None
-    shown = ", ".join(f"{k} -{v:g}" for k, v in sorted(worse.items(), key=lambda kv: -kv[1]))
     return (
         f"the fine-tuned model forgot more than the limit of {limit:g} Dice point(s) on the fixed validation set "
-        f"({shown})"
+        f"({'; '.join(parts)})"
     )
 
 
