@@ -45,11 +45,14 @@ from napari_spineseg.training.finetune import (
     cases_from_base_metadata,
     correction_targets,
     finetune,
+    fixed_origin,
     fixed_validation_ids,
+    forgetting_beyond_limit,
     load_case_record,
     run_finetune,
     save_finetuned,
 )
+from napari_spineseg.training.finetune_command import format_before_after
 from napari_spineseg.volume import Volume
 
 SIZE, SPACING = (64, 64, 16), (3.5, 3.5, 8.0)
@@ -366,6 +369,14 @@ def test_fixed_validation_is_carried_to_the_next_round(round1, fixed_case, study
     assert second.new_classes == [] and second.network.head.conv.out_channels == 5
     assert second.metadata.training["round"] == 2
     assert [e["name"] for e in second.metadata.training["lineage"]] == ["tiny", result.metadata.name]
+    # the original model's fixed-set figures are carried from round 1 to round 2 (issue #17)
+    origin = result.metadata.training["fixed_validation_origin"]
+    assert origin["model"]["name"] == "tiny" and origin["cases"] == ["phantom-3"]
+    assert origin["fixed_validation"] == result.before["fixed_validation"]
+    assert "fixed_validation_origin" not in result.before  # round 1: the original model is the base
+    assert second.metadata.training["fixed_validation_origin"] == origin
+    assert second.before["fixed_validation_origin"] == result.before["fixed_validation"]
+    assert "fixed vs original" in format_before_after(second.before, second.after)
     with pytest.raises(InputError, match="fixed set"):
         run_finetune(first, [pair], fast_config(steps=1), fixed_validation=[phantom_case(4)])
 
@@ -517,6 +528,40 @@ def test_select_step_prefers_the_best_corrections_within_the_tolerance() -> None
     # nothing within the tolerance: the step that forgot least
     assert _select_step(history, before, 0.001) == 0
     assert _select_step([], before, 0.01) is None
+
+
+def test_select_step_bounds_the_cumulative_loss_since_the_original_model() -> None:
+    before = {"intervertebral disc": 0.892}  # round 1's model, already 0.5 points below the original
+    origin = {"intervertebral disc": 0.897}
+
+    def record(step, disc, corrected):
+        return {"step": step, "fixed_validation": {"intervertebral disc": disc}, "corrections": {"x": corrected}}
+
+    history = [record(10, 0.890, 0.70), record(20, 0.885, 0.80)]  # −0.2 / −0.7 this round: both within 1 point
+    assert _select_step(history, before, 0.01) == 1  # this round's loss alone: the better corrections win
+    # −1.2 points since the original model: step 20 is out
+    assert _select_step(history, before, 0.01, origin) == 0
+
+
+def test_fixed_origin_is_the_base_its_record_or_a_warned_fallback(round1) -> None:
+    result, _ = round1
+    base = dataclasses.replace(result.metadata, training={})
+    figures = {"vertebral body": 0.8}
+    own, warning = fixed_origin(base, "d" * 64, figures, ["phantom-3"])
+    assert warning is None and own["fixed_validation"] == figures and own["model"]["content_sha256"] == "d" * 64
+    # a fine-tuned base measured on the same fixed set: its recorded origin
+    recorded = result.metadata.training["fixed_validation_origin"]
+    carried, warning = fixed_origin(result.metadata, "e" * 64, figures, ["phantom-3"])
+    assert warning is None and carried == recorded
+    # a first-round model saved before the record existed: rebuilt from its "before" figures
+    legacy = dataclasses.replace(
+        result.metadata, training={k: v for k, v in result.metadata.training.items() if k != "fixed_validation_origin"}
+    )
+    rebuilt, warning = fixed_origin(legacy, "e" * 64, figures, ["phantom-3"])
+    assert warning is None and rebuilt["fixed_validation"] == recorded["fixed_validation"]
+    # another fixed set: only this round is guarded, with a warning
+    fallback, warning = fixed_origin(result.metadata, "e" * 64, figures, ["phantom-4"])
+    assert fallback["fixed_validation"] == figures and "only this round's forgetting is guarded" in warning
 
 
 def _wrecking_pair(study: TrainingCase) -> CorrectionPair:
@@ -715,6 +760,25 @@ def test_a_model_that_forgot_more_than_the_limit_is_saved_only_when_forced(round
     assert not (tmp_path / "worse.safetensors").exists()
     saved = save_finetuned(result, tmp_path / "worse.safetensors", force=True)
     assert load_model(saved).metadata.class_values == [0, 1, 2, 3, 4]
+
+
+def test_a_model_within_the_round_limit_but_beyond_it_since_the_original_is_refused(round1, tmp_path: Path) -> None:
+    result = round1[0]
+    disc = result.before["fixed_validation"]["intervertebral disc"]
+    before = {
+        **result.before,
+        "fixed_validation_origin": {**result.before["fixed_validation"], "intervertebral disc": disc + 0.008},
+    }
+    after = {
+        **result.after,
+        "fixed_validation": {**result.before["fixed_validation"], "intervertebral disc": disc - 0.005},
+    }
+    round2 = dataclasses.replace(result, before=before, after=after)  # −0.5 this round, −1.3 since the original
+    assert forgetting_beyond_limit(dataclasses.replace(round2, before=result.before)) is None
+    with pytest.raises(InputError, match=r"intervertebral disc -1\.3 since the original model"):
+        save_finetuned(round2, tmp_path / "worse.safetensors")
+    assert not (tmp_path / "worse.safetensors").exists()
+    assert save_finetuned(round2, tmp_path / "worse.safetensors", force=True).is_file()
 
 
 def test_cli_refuses_a_forgetful_model_unless_forced(round1, files, base_path, tmp_path, capsys, monkeypatch) -> None:
