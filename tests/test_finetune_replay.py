@@ -301,3 +301,18 @@ def test_merging_keeps_the_most_recent_studies_within_the_caps() -> None:
     small, dropped = merge_replay(current, earlier, max_megabytes=0.25)
     assert small.study_names == ["b", "a"] and dropped == ["a [2]", "c"]
     assert merged.painted_classes == [4]
+
+
+def test_the_widget_table_shows_the_fixed_set_against_the_original_model() -> None:
+    from types import SimpleNamespace
+
+    from napari_spineseg.schema import default_classes
+    from napari_spineseg.widgets._finetune_job import dice_table
+
+    before = {"fixed_validation": {"vertebral body": 0.87}, "fixed_validation_origin": {"vertebral body": 0.88}}
+    after = {"fixed_validation": {"vertebral body": 0.865}}
+    result = SimpleNamespace(before=before, after=after, metadata=SimpleNamespace(classes=default_classes()[:2]))
+    headers, rows = dice_table(result)
+    assert headers == ["class", "fixed set before", "fixed set after", "fixed set vs original before",
+                       "fixed set vs original after"]  # fmt: skip
+    assert rows == [["vertebral body", 0.87, 0.865, 0.88, 0.865]]

@@ -139,8 +139,15 @@ def dice_table(result: Any) -> tuple[list[str], list[list[Any]]]:
 
     Groups: the corrected studies ("corrected before" of a class painted in earlier rounds is the
     base model's Dice on this study before it was painted: how the class transferred), the
-    replayed painted studies of earlier rounds ("earlier painted") and the fixed validation set."""
-    groups = [("corrections", "corrected"), ("replay", "earlier painted"), ("fixed_validation", "fixed set")]
+    replayed painted studies of earlier rounds ("earlier painted"), the fixed validation set, and
+    after several rounds the fixed set against the original model of the chain ("vs original":
+    before = that model's figures, after = this result's)."""
+    groups = [
+        ("corrections", "corrected"),
+        ("replay", "earlier painted"),
+        ("fixed_validation", "fixed set"),
+        ("fixed_validation_origin", "fixed set vs original"),
+    ]
     groups = [(key, label) for key, label in groups if result.before.get(key) or result.after.get(key)]
     headers = ["class"] + [f"{label} {when}" for _, label in groups for when in ("before", "after")]
     rows = []
@@ -149,8 +156,8 @@ def dice_table(result: Any) -> tuple[list[str], list[list[Any]]]:
             continue
         row: list[Any] = [label_class.name]
         for key, _ in groups:
-            for record in (result.before, result.after):
-                value = (record.get(key) or {}).get(label_class.name)
+            for record, record_key in ((result.before, key), (result.after, key.removesuffix("_origin"))):
+                value = (record.get(record_key) or {}).get(label_class.name)
                 row.append(float("nan") if value is None else float(value))
         rows.append(row)
     return headers, rows
