@@ -18,6 +18,26 @@ def phantom():
     return make_phantom(size=(64, 64, 16), spacing=(3.5, 3.5, 8.0), lesions=1, seed=3)
 
 
+@pytest.fixture
+def reviewed(make_napari_viewer):
+    """A viewer with the T2 phantom study, its class map ("study labels") and its levels layer
+    ("study levels"), and the Review widget on the class map: (viewer, review, labels, levels)."""
+    from napari_spineseg._napari_layers import labels_layer_data, levels_layer_data
+    from napari_spineseg.levels import identify_levels
+
+    study = make_phantom(seed=0, contrast="T2", lesions=2)
+    viewer = make_napari_viewer()
+    data, kwargs, _ = image_layer_data(study.image)
+    viewer.add_image(data, **kwargs)
+    data, kwargs, _ = labels_layer_data(study.labels, name="study labels")
+    labels = viewer.add_labels(data, **kwargs)
+    data, kwargs, _ = levels_layer_data(identify_levels(study.labels), "study levels")
+    levels = viewer.add_labels(data, **kwargs)
+    _, review = viewer.window.add_plugin_dock_widget("napari-spineseg", "Review segmentation")
+    review.labels_combo.set_layer(labels)
+    return viewer, review, labels, levels
+
+
 @pytest.fixture(autouse=True)
 def dirs(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SPINESEG_MODEL_DIR", str(tmp_path / "models"))

@@ -6,12 +6,15 @@ import threading
 
 import pytest
 
+import gui_fixtures
 from conftest import requires_display
 from napari_spineseg._napari_layers import LEVELS_KEY, image_layer_data, levels_layer_data
 from napari_spineseg.levels import identify_levels, mark_uncertain
 from napari_spineseg.phantom import make_phantom
 
 pytestmark = [pytest.mark.gui, requires_display]
+
+reviewed = gui_fixtures.reviewed  # the shared viewer-with-levels fixture
 
 
 def test_segment_widget_adds_a_levels_layer_or_says_why_not(make_napari_viewer) -> None:
@@ -41,25 +44,6 @@ def test_segment_widget_adds_a_levels_layer_or_says_why_not(make_napari_viewer) 
 
 
 # --- Review widget: table by level, go to level, renumbering that carries to the exports -----------
-@pytest.fixture
-def reviewed(make_napari_viewer):
-    """A viewer with the phantom study, its class map ("study labels") and its levels layer, and the
-    Review widget on the class map."""
-    from napari_spineseg._napari_layers import labels_layer_data
-
-    phantom = make_phantom(seed=0, contrast="T2", lesions=2)
-    viewer = make_napari_viewer()
-    data, kwargs, _ = image_layer_data(phantom.image)
-    viewer.add_image(data, **kwargs)
-    data, kwargs, _ = labels_layer_data(phantom.labels, name="study labels")
-    labels = viewer.add_labels(data, **kwargs)
-    data, kwargs, _ = levels_layer_data(identify_levels(phantom.labels), "study levels")
-    levels = viewer.add_labels(data, **kwargs)
-    _, review = viewer.window.add_plugin_dock_widget("napari-spineseg", "Review segmentation")
-    review.labels_combo.set_layer(labels)
-    return viewer, review, labels, levels
-
-
 def _names(layer) -> list[str]:
     return [n for n in layer.features["name"] if n != "background"]
 

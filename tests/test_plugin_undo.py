@@ -17,7 +17,7 @@ from napari_spineseg.widgets._layer_data import PREDICTION_KEY, RESULT_KEY, chec
 pytestmark = [pytest.mark.gui, requires_display]
 
 phantom, dirs, tiny_model = gui_fixtures.phantom, gui_fixtures.dirs, gui_fixtures.tiny_model
-viewer = gui_fixtures.viewer
+viewer, reviewed = gui_fixtures.viewer, gui_fixtures.reviewed
 
 
 def _labels(shape=(4, 16, 16)):
@@ -104,23 +104,13 @@ def test_resegmentation_in_place_is_one_undo_step(viewer, tiny_model) -> None:
     assert checksum(np.asarray(layer.data)) == checksum(first)
 
 
-def test_levels_renumbering_and_marking_uncertain_undo_with_their_names(make_napari_viewer, tmp_path) -> None:
+def test_levels_renumbering_and_marking_uncertain_undo_with_their_names(reviewed, tmp_path) -> None:
     """Levels up/down and "uncertain" rename the levels: Ctrl+Z restores the voxels *and* the names
     (hover, legend), colours and the levels record the exports use."""
-    from napari_spineseg._napari_layers import LEVELS_KEY, image_layer_data, labels_layer_data, levels_layer_data
-    from napari_spineseg.levels import identify_levels, read_levels
-    from napari_spineseg.phantom import make_phantom
+    from napari_spineseg._napari_layers import LEVELS_KEY
+    from napari_spineseg.levels import read_levels
 
-    study = make_phantom(seed=0, contrast="T2", lesions=2)
-    viewer = make_napari_viewer()
-    data, kwargs, _ = image_layer_data(study.image)
-    viewer.add_image(data, **kwargs)
-    data, kwargs, _ = labels_layer_data(study.labels, name="study labels")
-    labels = viewer.add_labels(data, **kwargs)
-    data, kwargs, _ = levels_layer_data(identify_levels(study.labels), "study levels")
-    levels = viewer.add_labels(data, **kwargs)
-    _, review = viewer.window.add_plugin_dock_widget("napari-spineseg", "Review segmentation")
-    review.labels_combo.set_layer(labels)
+    _viewer, review, _labels, levels = reviewed
 
     def state():
         names = list(levels.features["name"])

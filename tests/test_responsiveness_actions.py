@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+import gui_fixtures
 from conftest import requires_display
-from napari_spineseg._napari_layers import image_layer_data, labels_layer_data, levels_layer_data
+from napari_spineseg._napari_layers import image_layer_data, labels_layer_data
 from napari_spineseg.phantom import make_phantom
 from napari_spineseg.schema import INTERVERTEBRAL_DISC, VERTEBRAL_BODY
 from test_widgets import STALL_LIMIT_S, StallProbe, cpu_wait
 
 pytestmark = [pytest.mark.gui, requires_display]
+
+reviewed = gui_fixtures.reviewed  # the shared viewer-with-levels fixture
 
 PLUGIN = "napari-spineseg"
 
@@ -115,19 +118,8 @@ def test_apply_my_corrections_stalls(make_napari_viewer, qtbot) -> None:
     assert timing["before"] < STALL_LIMIT_S and timing["apply"] < STALL_LIMIT_S
 
 
-def test_levels_up_and_down_stalls(make_napari_viewer, qtbot) -> None:
-    from napari_spineseg.levels import identify_levels
-
-    study = make_phantom(seed=0, contrast="T2", lesions=2)
-    viewer = make_napari_viewer()
-    data, kwargs, _ = image_layer_data(study.image)
-    viewer.add_image(data, **kwargs)
-    data, kwargs, _ = labels_layer_data(study.labels, name="study labels")
-    labels = viewer.add_labels(data, **kwargs)
-    data, kwargs, _ = levels_layer_data(identify_levels(study.labels), "study levels")
-    levels = viewer.add_labels(data, **kwargs)
-    _, review = viewer.window.add_plugin_dock_widget(PLUGIN, "Review segmentation")
-    review.labels_combo.set_layer(labels)
+def test_levels_up_and_down_stalls(reviewed, qtbot) -> None:
+    _viewer, review, _labels, levels = reviewed
     review.up_button.click()  # first use: imports
     levels.undo()
     before = np.array(levels.data, copy=True)

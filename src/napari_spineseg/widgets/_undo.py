@@ -112,13 +112,18 @@ def _unwrap(layer: Any) -> Any:
 
 def paint_tracker(layer: Any) -> PaintTracker:
     """The layer's tracker of painted voxels, created (and connected) on first use."""
-    layer = _unwrap(layer)
+    return _registered(_TRACKERS, _unwrap(layer), PaintTracker, lambda tracker: tracker.layer)
+
+
+def _registered(registry: dict[int, Any], layer: Any, make: Any, owner: Any) -> Any:
+    """What ``registry`` keeps for ``layer`` (by id): made by ``make(layer)`` on first use or when
+    the id now belongs to another layer (``owner(item)`` is not ``layer``); dropped with the layer."""
     key = id(layer)
-    tracker = _TRACKERS.get(key)
-    if tracker is None or tracker.layer is not layer:
-        tracker = _TRACKERS[key] = PaintTracker(layer)
-        weakref.finalize(layer, _TRACKERS.pop, key, None)
-    return tracker
+    item = registry.get(key)
+    if item is None or owner(item) is not layer:
+        item = registry[key] = make(layer)
+        weakref.finalize(layer, registry.pop, key, None)
+    return item
 
 
 def in_plugin_edit(layer: Any) -> bool:
@@ -269,13 +274,7 @@ class LayerSteps:
 
 def layer_steps(layer: Any) -> LayerSteps:
     """The layer's :class:`LayerSteps`, created (and connected) on first use."""
-    layer = _unwrap(layer)
-    key = id(layer)
-    steps = _STEPS.get(key)
-    if steps is None or steps._layer() is not layer:
-        steps = _STEPS[key] = LayerSteps(layer)
-        weakref.finalize(layer, _STEPS.pop, key, None)
-    return steps
+    return _registered(_STEPS, _unwrap(layer), LayerSteps, lambda steps: steps._layer())
 
 
 def follow_history(layer: Any) -> None:
