@@ -46,7 +46,6 @@ only the painted slices' neighbours — the study adaptation / fine-tuning strat
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import os
 import sys
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results_csv import write_csv
 
 from napari_spineseg.augment import IGNORE
 from napari_spineseg.interpolation import interpolate_between_slices, next_slice_to_paint
@@ -385,16 +385,6 @@ def quick_study(model: str, cache: Path | None) -> Study:
 # ------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
-
-
 def mean_curves(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
     """Mean Dice over cases per (strategy, picker) after 0, 1, 2, ... painted slices."""
     curves: dict[tuple[str, str], list[float]] = {}
@@ -536,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         studies = [real_study(c.strip(), args.data, args.model, args.cache) for c in args.cases.split(",") if c]
         rounds = args.rounds
     rows = run(studies, rounds, strategies, pickers, args.slow_rounds, slow_pickers)
-    write_csv(rows, args.out / f"{args.name}.csv")
+    write_csv(rows, args.out / f"{args.name}.csv", fieldnames=FIELDS)
     plot(rows, args.out / f"{args.name}.png")
     print(summary(rows))
     return 0

@@ -11,7 +11,6 @@ without post-processing, slices/s, peak device memory and the two paths' label a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_csv import write_csv
 
 from napari_spineseg.inference import Predictor, SegmentationSettings, cpu_supports_bf16
 from napari_spineseg.modelfile import LoadedModel, ModelMetadata
@@ -234,12 +234,7 @@ def _synchronise(device: str, reset: bool = False) -> None:
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        keys = sorted({k for row in rows for k in row})
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, path, fieldnames=sorted({k for row in rows for k in row}))
 
 
 def main() -> None:

@@ -9,12 +9,12 @@ and writes ``benchmarks/results/postprocess.csv`` (one row per step: best second
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+from results_csv import write_csv
 
 from napari_spineseg.postprocess import default_postprocess, postprocess_labels
 
@@ -66,12 +66,7 @@ def main() -> None:
     rows = [{"shape": shape, "step": k, "seconds": round(v, 3), "load": round(load, 1)} for k, v in best.items()]
     for row in rows:
         print(f"{row['shape']} {row['step']:12s} {row['seconds']:7.2f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the first allocations excluded; the total with them is also written).  No valida
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import resource
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_csv import write_csv
 
 from napari_spineseg.runtime import resolve_workers, usable_cores
 from napari_spineseg.training.commands import add_train_arguments, prepare_run
@@ -94,12 +94,7 @@ def main() -> None:
             f"load {row['load']:.1f}"
         )
         rows.append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
 
 
 if __name__ == "__main__":

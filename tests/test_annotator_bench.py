@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_annotator.py
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(BENCH.parent))  # as when run as a script: its sibling modules import
     spec = importlib.util.spec_from_file_location("bench_annotator", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_annotator"] = module
