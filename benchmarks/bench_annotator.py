@@ -126,13 +126,18 @@ def interpolation(study: Study, state: State) -> None:
 
 def interpolation_model(study: Study, state: State) -> None:
     """Interpolation near the painted slices, the model's own shape far from them (reach 3 slices)."""
+    _interpolate_with_prior(study, state, study.prediction)
+
+
+def _interpolate_with_prior(study: Study, state: State, prior: np.ndarray) -> None:
+    """Fill between the painted slices, ``prior``'s shape beyond ``REACH`` slices from them."""
     change = interpolate_between_slices(
         state.labels,
         study.axis,
         slices=state.slices,
         painted=state.painted,
         values=[study.value],
-        prior=study.prediction,
+        prior=prior,
         reach=REACH,
     )
     change.apply(state.labels)
@@ -173,16 +178,7 @@ def adaptation(study: Study, state: State) -> None:
 def adaptation_interpolation(study: Study, state: State) -> None:
     """Adaptation, then interpolation+model between the painted slices on top of its result."""
     adaptation(study, state)
-    change = interpolate_between_slices(
-        state.labels,
-        study.axis,
-        slices=state.slices,
-        painted=state.painted,
-        values=[study.value],
-        prior=state.labels.copy(),
-        reach=REACH,
-    )
-    change.apply(state.labels)
+    _interpolate_with_prior(study, state, state.labels.copy())
 
 
 @lru_cache(maxsize=1)
