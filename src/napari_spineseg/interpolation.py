@@ -56,6 +56,14 @@ class LabelChange:
     values: np.ndarray
     previous: np.ndarray
 
+    @classmethod
+    def between(cls, before: np.ndarray, after: np.ndarray) -> LabelChange:
+        """The change that turns ``before`` into ``after`` (same shape)."""
+        if before.shape != after.shape:
+            raise InputError(f"cannot compare label arrays of shapes {before.shape} and {after.shape}")
+        where = np.nonzero(before != after)
+        return cls(where, after[where], before[where])
+
     @property
     def size(self) -> int:
         """Number of voxels changed."""
@@ -239,13 +247,20 @@ def interpolate_between_slices(
 
 
 def next_slice_to_paint(
-    uncertainty: np.ndarray, axis: int, painted: Iterable[int] = (), spread: float = 4.0
+    uncertainty: np.ndarray,
+    axis: int,
+    painted: Iterable[int] = (),
+    spread: float = 4.0,
+    runs: Sequence[range] = (),
 ) -> int | None:
     """The slice along ``axis`` to correct next: most summed uncertainty, damped near painted slices.
 
     Slice ``s`` scores ``sum(uncertainty[s]) * prod(1 - exp(-((s - p) / spread)²))`` over the
     painted slices ``p`` (whose neighbours interpolation fills), so proposals spread out instead of
-    running through one cluster of adjacent uncertain slices.  None when every slice is painted.
+    running through one cluster of adjacent uncertain slices.  ``runs``: slices resampled from the
+    same acquired slices (:func:`napari_spineseg.resampled.resampled_runs`); when given, only
+    slices inside a run are proposed (a correction there is copied to the whole run) and a run
+    holding a painted slice is done.  None when nothing is left to propose.
     """
     uncertainty = np.asarray(uncertainty)
     axis = _check_axis(uncertainty.shape, axis)
@@ -258,5 +273,11 @@ def next_slice_to_paint(
     for p in done if spread > 0 else ():
         score *= 1.0 - np.exp(-(((index - p) / spread) ** 2))
     score[done] = -1.0
+    if runs:
+        inside = np.zeros(score.size, dtype=bool)
+        for run in runs:
+            members = [i for i in run if 0 <= i < score.size]
+            inside[members] = not any(p in run for p in done)
+        score[~inside] = -1.0
     best = int(np.argmax(score)) if score.size else 0
     return best if score.size and score[best] >= 0 else None
