@@ -13,8 +13,9 @@ For each patient-held-out study (the bundled model's validation patients, never 
    that damps the uncertainty of slices near painted ones (their neighbours get interpolated);
    ``uncertain-runs`` — the spread-out proposal restricted to slices resampled from the same
    acquired slices, one per run (:func:`napari_spineseg.resampled.resampled_runs`; the plain
-   spread-out proposal on a study at its acquired resolution); ``worst`` — the control, the slice with the most wrong voxels of the labelled structure now (an
-   oracle no annotator has);
+   spread-out proposal on a study at its acquired resolution; the Review widget's proposal on
+   such a study takes one slice per run too); ``worst`` — the control, the slice with the most
+   wrong voxels of the labelled structure now (an oracle no annotator has);
 3. the annotator paints the truth of the labelled structure (vertebral bodies in VB cases, discs
    in IVD cases) on that slice, inside the labelled superior–inferior span (the only place the
    truth is known), and the *strategy* helps;

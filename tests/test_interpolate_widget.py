@@ -162,3 +162,30 @@ def test_threaded_preview_shows_the_layer_without_taking_the_selection(setup, qt
     assert widget.apply() > 0 and widget.preview_layer is None
     layer.undo()
     assert _digest(layer.data) == _digest(before)
+
+
+def test_on_a_study_resampled_from_thick_slices_a_painted_slice_fills_its_twins(setup, phantom) -> None:
+    from napari_spineseg._napari_layers import image_layer_data
+    from test_resampled import STEP, thick_then_resampled
+
+    viewer, widget, layer, disc, _, _ = setup
+    image = phantom.image.with_array(thick_then_resampled(phantom.image.array))
+    data, kwargs, _ = image_layer_data(image)
+    viewer.add_image(data, **kwargs)
+    extent = np.flatnonzero(disc.any(axis=(1, 2)))
+    k = int(next(s for s in extent if s % STEP == 2))  # the middle of a run of resampled slices
+    where = np.nonzero(disc[k])
+    layer.data_setitem((np.full(where[0].size, k), *where), INTERVERTEBRAL_DISC)
+    before = np.array(layer.data, copy=True)
+
+    widget.preview(sync=True)
+    assert f"copied to slices [{k - 1}, {k + 1}]" in widget.status.text()
+    assert widget.apply() == 2 * where[0].size
+    for twin in (k - 1, k + 1):
+        assert (layer.data[twin] == before[k]).all()
+    widget.undo()
+    assert _digest(layer.data) == _digest(before)
+
+    widget.twins_check.setChecked(False)  # the annotator can turn the copies off
+    widget.preview(sync=True)
+    assert widget.change is None and "nothing to fill" in widget.status.text()

@@ -131,6 +131,15 @@ def test_uncertain_slices_only_inside_the_anatomy_and_spread_out() -> None:
     assert list(order).index(16) > list(order).index(21)
     assert np.isnan(scores[0]) and scores[15] > scores[21]
 
+    # a study resampled from thick slices: the best slice of each run of resampled slices first
+    runs = [range(13, 16), range(17, 20), range(21, 24)]
+    uncertainty[18, 5:15, 5:15] = 0.6
+    uncertainty[20, 5:15, 5:15] = 0.7  # an acquired slice between two runs: a correction there stays alone
+    order, _ = rank_uncertain_slices(uncertainty, 0, anatomy, margin_voxels=2, min_gap=3, runs=runs)
+    assert list(order[:3]) == [15, 18, 21]
+    order, _ = rank_uncertain_slices(uncertainty, 0, anatomy, margin_voxels=2, min_gap=3)
+    assert list(order[:2]) == [15, 20]
+
 
 def test_plausibility_warns_for_a_brain_and_is_quiet_for_a_spine() -> None:
     from napari_spineseg.plausibility import body_part_of, plausibility_warnings

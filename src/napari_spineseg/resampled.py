@@ -24,7 +24,7 @@ import numpy as np
 from .errors import InputError
 from .interpolation import LabelChange, interpolate_between_slices, painted_slices
 
-__all__ = ["fill_from_corrections", "resampled_runs", "copy_within_runs"]
+__all__ = ["copy_within_runs", "fill_from_corrections", "resampled_runs"]
 
 #: A slice is a blend of its neighbours when its mean |second difference| is within this factor of the
 #: study's noise floor (the 20th percentile over slices), ...
@@ -59,10 +59,12 @@ def resampled_runs(image: np.ndarray, axis: int, min_slices: int = 8) -> list[ra
     if image.shape[axis] < min_slices:
         return []
     second = _second_differences(image, axis % 3)
-    floor = float(np.percentile(second, 20))
+    if not second.max() > 0:  # a constant (or linear) study: nothing tells acquired slices apart
+        return []
+    floor = max(float(np.percentile(second, 20)), 1e-6 * float(second.max()))  # exact floats: no rounding noise
     blended = second <= _BLEND_FACTOR * floor
     acquired = second[~blended]
-    if floor <= 0 or acquired.size == 0 or np.median(acquired) < _ACQUIRED_FACTOR * floor:
+    if acquired.size == 0 or np.median(acquired) < _ACQUIRED_FACTOR * floor:
         return []
     if not 0.4 <= blended.mean() <= 0.9:  # resampling by 1.5x-10x leaves this share of blended slices
         return []

@@ -230,13 +230,16 @@ def rank_uncertain_slices(
     anatomy: np.ndarray | None = None,
     margin_voxels: int = 3,
     min_gap: int = 3,
+    runs: Sequence[range] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Slices along ``axis`` worth reviewing first, and each slice's score (mean uncertainty).
 
     Only voxels inside ``anatomy`` (a label map or mask: non-zero is segmented) grown by
     ``margin_voxels`` count, so background at the edge of the field of view never wins; slices
     with none of them are left out.  Proposals are spread: greedily the best slice at least
-    ``min_gap`` slices from every one already proposed, then the rest by score.
+    ``min_gap`` slices from every one already proposed, then the rest by score.  ``runs``: slices
+    resampled from the same acquired slices (:func:`napari_spineseg.resampled.resampled_runs`);
+    the best slice of each run comes first (a correction there is copied to its whole run).
     """
     uncertainty = np.asarray(uncertainty, dtype=np.float32)
     if not -uncertainty.ndim <= axis < uncertainty.ndim:
@@ -256,6 +259,14 @@ def rank_uncertain_slices(
     scores = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     valid = np.flatnonzero(counts > 0)
     by_score = valid[np.lexsort((valid, -scores[valid]))]
+    if runs:  # one slice per run first: the best of each run, by score
+        run_of = {i: n for n, run in enumerate(runs) for i in run}
+        firsts: dict[int, int] = {}
+        for index in by_score:
+            firsts.setdefault(run_of.get(int(index), -1), int(index))
+        firsts.pop(-1, None)
+        chosen = set(firsts.values())
+        by_score = np.asarray([*firsts.values(), *(int(i) for i in by_score if int(i) not in chosen)], np.int64)
     spread: list[int] = []
     for index in by_score:
         if all(abs(int(index) - chosen) >= min_gap for chosen in spread):

@@ -62,3 +62,14 @@ def unique_layer_name(viewer: Any, base: str) -> str:
     while f"{base} [{number}]" in names:
         number += 1
     return f"{base} [{number}]"
+
+
+def study_image(viewer: Any, layer: Any) -> np.ndarray | None:
+    """The image ``layer`` was segmented from (by the Segment widget's record), else the only Image
+    layer of the same shape; None when there is none or several candidates."""
+    shape = tuple(layer.data.shape)
+    images = [la for la in viewer.layers if is_kind(la, "image") and tuple(getattr(la.data, "shape", ())) == shape]
+    source = ((layer.metadata or {}).get(RESULT_KEY) or {}).get("image")
+    named = [la for la in images if la.name == source]
+    chosen = named or images
+    return np.asarray(chosen[0].data) if len(chosen) == 1 else None

@@ -5,6 +5,9 @@ layer as one undo step (Ctrl+Z, or Undo here, restores the exact previous array)
 annotator painted are never changed (see :mod:`._undo`).  On a Segment result (which keeps the
 model's original prediction) the fill is blended into the model's shapes with distance from the
 painted slices (``prior``, see :func:`napari_spineseg.interpolation.interpolate_between_slices`).
+When the study's image (the Image layer of the same shape) was resampled from thicker slices, a
+painted slice is first copied to the slices resampled from the same acquired slices
+(:mod:`napari_spineseg.resampled`); the status says which.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import SpinesegError
 from ._jobs import Outcome, in_event_loop_turns, notify_error, start_job
-from ._layer_data import PREDICTION_KEY, is_kind
+from ._layer_data import PREDICTION_KEY, is_kind, study_image
 from ._layers import add_in_turns, build_layer
 from ._pickers import LayerCombo
 from ._undo import apply_change, paint_tracker, painted_mask
@@ -41,16 +44,17 @@ def interpolation_job(
     painted: np.ndarray,
     prior: np.ndarray | None = None,
     preview_kwargs: dict[str, Any] | None = None,
+    image: np.ndarray | None = None,
 ):
     """Worker: the change filling between the painted slices, and a hidden preview layer of it.
 
-    Plain arrays in; ``(painted slice indices, LabelChange, preview layer or None)`` out.
+    Plain arrays in (``image``: the study, to copy painted slices to their resampled twins);
+    ``({"painted": [...], "copied": [...]} slice indices, LabelChange, preview layer or None)`` out.
     """
-    from ..interpolation import interpolate_between_slices, painted_slices
+    from ..resampled import fill_from_corrections
 
     yield "interpolate"
-    slices = painted_slices(painted, axis)
-    change = interpolate_between_slices(labels, axis, slices=slices, painted=painted, prior=prior)
+    change, slices = fill_from_corrections(labels, axis, painted, image=image, prior=prior)
     if change.size == 0 or preview_kwargs is None:
         return slices, change, None
     yield "preview"
@@ -85,6 +89,12 @@ class InterpolateWidget(QWidget):
             "On a Segment result: the fill follows the painted slices near them and the model's own "
             "result further away (better than a long blend between distant slices)"
         )
+        self.twins_check = QCheckBox("Copy to slices resampled from the same acquired slice", self)
+        self.twins_check.setChecked(True)
+        self.twins_check.setToolTip(
+            "When the study was resampled from thicker slices (e.g. 4 mm to 1 mm), a painted slice also "
+            "holds for the slices interpolated from the same acquired slices: they take its shapes first"
+        )
         self.preview_button = QPushButton("Preview", self)
         self.preview_button.setToolTip("Fill between consecutive painted slices of the plane (shown, not yet applied)")
         self.preview_button.clicked.connect(lambda: self.preview())
@@ -101,6 +111,7 @@ class InterpolateWidget(QWidget):
         form.addRow("Plane", self.plane_combo)
         layout.addLayout(form)
         layout.addWidget(self.model_check)
+        layout.addWidget(self.twins_check)
         row = QHBoxLayout()
         for button in (self.preview_button, self.apply_button, self.undo_button):
             row.addWidget(button)
@@ -147,7 +158,8 @@ class InterpolateWidget(QWidget):
             "metadata": {PREVIEW_KEY: True},
         }
         data = np.array(layer.data, copy=True)
-        job = partial(interpolation_job, data, axis, painted_mask(layer), prior, preview_kwargs)
+        image = study_image(self.viewer, layer) if self.twins_check.isChecked() else None
+        job = partial(interpolation_job, data, axis, painted_mask(layer), prior, preview_kwargs, image)
         start_job(job, "interpolation", lambda _: None, partial(self._on_preview, sync=sync), sync=sync)
 
     def _on_preview(self, outcome: Outcome, sync: bool = False) -> None:
@@ -158,17 +170,18 @@ class InterpolateWidget(QWidget):
         if outcome.value is None:
             return
         slices, self.change, preview = outcome.value
-        painted = list(map(int, slices))
-        if len(slices) < 2 or self.change.size == 0:
+        painted, copied = slices["painted"], slices["copied"]
+        if (len(painted) < 2 and not copied) or self.change.size == 0:
             self.change = None
             self.status.setText(f"Painted slices: {painted} — nothing to fill between them.")
             return
         self.preview_layer = preview
         in_event_loop_turns(add_in_turns(self.viewer, preview, select=False), lambda: None, sync=sync)
         removed = int(np.count_nonzero(self.change.values == 0))
+        twins = f" The study was resampled from thicker slices: copied to slices {copied} first." if copied else ""
         self.status.setText(
-            f"Between painted slices {painted}: {self.change.size} voxels change "
-            f"({removed} cleared, not shown). Apply to write them (undoable)."
+            f"From painted slices {painted}: {self.change.size} voxels change "
+            f"({removed} cleared, not shown).{twins} Apply to write them (undoable)."
         )
 
     def apply(self) -> int:

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import SpinesegError
 from ._jobs import Outcome, notify_error, notify_info, start_job
-from ._layer_data import RESULT_KEY, is_kind, layer_volume
+from ._layer_data import RESULT_KEY, is_kind, layer_volume, study_image
 from ._panels import fill_table, scrolling_layout
 from ._pickers import LayerCombo
 from ._views import PLANE_NAMES, show_plane
@@ -456,7 +456,8 @@ class ReviewWidget(QWidget):
             margin = max(1, round(ANATOMY_MARGIN_MM / float(spacing.min())))
             gap = max(2, int(np.ceil(PROPOSAL_GAP_MM / float(spacing[axis]))))
             mask = None if anatomy is None else np.asarray(anatomy.data)
-            order, scores = rank_uncertain_slices(np.asarray(layer.data), axis, mask, margin, gap)
+            runs = self._resampled_runs(layer, axis)
+            order, scores = rank_uncertain_slices(np.asarray(layer.data), axis, mask, margin, gap, runs)
             cached = (scores, order, 0)
         scores, order, position = cached
         if not len(order):
@@ -472,6 +473,13 @@ class ReviewWidget(QWidget):
         )
         self.uncertainty_label.setToolTip(self.uncertainty_label.text())
         return index
+
+    def _resampled_runs(self, uncertainty: Any, axis: int) -> list[range]:
+        """Runs of slices resampled from the same acquired slices of the study's image (one proposal each)."""
+        from ..resampled import resampled_runs
+
+        image = study_image(self.viewer, uncertainty)
+        return resampled_runs(image, axis) if image is not None else []
 
     def _anatomy_for(self, uncertainty: Any) -> Any:
         """The segmentation the map belongs to (same study and model), else the chosen Labels layer."""
