@@ -51,6 +51,7 @@ from napari_spineseg.lesion_sim import simulate_hemangioma
 from napari_spineseg.metrics import dice_score
 from napari_spineseg.modelfile import LoadedModel, load_model, resolve_model
 from napari_spineseg.orientation import Plane, plane_array_axis
+from napari_spineseg.resampled import copy_within_runs, resampled_runs
 from napari_spineseg.schema import LESION, VERTEBRAL_BODY, default_classes
 from napari_spineseg.training.data import load_lumbar_dataset
 from napari_spineseg.training.finetune import CorrectionPair, FinetuneConfig, finetune, fixed_validation_ids
@@ -185,6 +186,12 @@ def unseen_study(args, base, base_path, fixed, references, config) -> tuple[list
         region, gt, fixed_slice = truth[sl] != IGNORE, truth[sl], corrected[sl]
         fixed_slice[region & (gt == VERTEBRAL_BODY)] = VERTEBRAL_BODY
         fixed_slice[region & (gt != VERTEBRAL_BODY) & (fixed_slice == VERTEBRAL_BODY)] = 0
+    twins = _twin_slices(image.array, axis, chosen)
+    if args.twins:  # the Interpolate widget's copies of each painted slice to its resampled twins
+        copies, _ = copy_within_runs(
+            corrected, axis, chosen, resampled_runs(image.array, axis), values=[VERTEBRAL_BODY]
+        )
+        copies.apply(corrected)
     # The stand-in annotator only knows the vertebral bodies (no disc/canal truth in VB1): it vouches for them alone.
     pair = CorrectionPair(
         image,
@@ -198,14 +205,23 @@ def unseen_study(args, base, base_path, fixed, references, config) -> tuple[list
     )
     after_prediction = predict(LoadedModel(result.network, result.metadata), image)
     keep = truth != IGNORE
-    for index in chosen:
+    for index in chosen + twins:  # the twins too: with --twins they hold copies, not the model's result
         keep[take(axis, index)] = False
     before = dice_score((prediction == VERTEBRAL_BODY) & keep, (truth == VERTEBRAL_BODY) & keep)
     after = dice_score((after_prediction == VERTEBRAL_BODY) & keep, (truth == VERTEBRAL_BODY) & keep)
     name = f"unseen study {study.case_id}"
-    note = f"corrected sagittal slices {chosen}; Dice on the other {int(keep.any(axis=others).sum())} labelled slices"
+    note = (
+        f"corrected sagittal slices {chosen}{' copied to their resampled twins' if args.twins else ''}; Dice on "
+        f"the other {int(keep.any(axis=others).sum())} labelled slices (twins {twins} excluded)"
+    )
     rows = [row(name, "vertebral body Dice, other slices", before, after, ">= +5 points", note)]
     return rows + forgetting_rows(name, result), stamps
+
+
+def _twin_slices(image: np.ndarray, axis: int, chosen: list[int]) -> list[int]:
+    """The slices resampled from the same acquired slices as the ``chosen`` ones (none on a native study)."""
+    runs = [run for run in resampled_runs(image, axis) if any(c in run for c in chosen)]
+    return sorted({int(i) for run in runs for i in run} - set(chosen))
 
 
 def unseen_kind(args, base, base_path, fixed, references, config) -> list[dict]:
@@ -324,6 +340,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="20 steps, for a smoke run")
+    parser.add_argument(
+        "--twins", action="store_true", help="unseen study: copy each corrected slice to its resampled twins first"
+    )
     parser.add_argument("--skip-lesion", action="store_true", help="skip the simulated-lesion experiment")
     parser.add_argument("--only-lesion", action="store_true", help="only the simulated-lesion experiment")
     parser.add_argument("--skip-cervical", action="store_true", help="skip the cervical (unseen kind) experiment")
