@@ -98,6 +98,44 @@ class Shots:
         return path
 
 
+def interpolate_shot(viewer, shots: Shots, image, study: Path, model: str) -> None:
+    """09: the annotator fixes the bodies on one sagittal slice of a study resampled from 4 mm slices;
+    the Interpolate widget copies it to the slices resampled with it (preview shown on a twin)."""
+    from napari_spineseg.io import read_volume
+    from napari_spineseg.resampled import resampled_runs
+    from napari_spineseg.widgets._views import show_plane
+
+    truth = read_volume(study.with_name(study.name.replace("_img", "_seg"))).array > 0  # L1..L5 bodies
+    segment = shots.dock("Segment spine")
+    segment.image_combo.set_layer(image)
+    segment.model_combo.refresh(select=model)
+    segment.run(sync=True)
+    labels = segment.last_layer
+    labels.opacity = 0.5
+    for layer in viewer.layers:  # the level names would hide which voxels the preview changes
+        layer.visible = layer is image or layer is labels
+    runs = resampled_runs(np.asarray(image.data), 0)  # sagittal slices are stacked along axis 0 (PIR)
+    run = runs[len(runs) // 2]
+    k = run[len(run) // 2]
+    span = np.flatnonzero(truth.any(axis=(0, 2)))  # the labelled superior-inferior rows
+    current = np.asarray(labels.data[k])
+    fix = np.zeros(current.shape, bool)
+    fix[span[0] : span[-1] + 1] = True
+    wrong = fix & ((current == 1) != truth[k])
+    rows, cols = np.nonzero(wrong)
+    labels.data_setitem((np.full(rows.shape, k), rows, cols), np.where(truth[k][wrong], 1, 0).astype(np.uint8))
+    interpolate = shots.dock("Interpolate between painted slices")
+    interpolate.labels_combo.set_layer(labels)
+    interpolate.plane_combo.setCurrentText("sagittal")
+    interpolate.preview(sync=True)
+    show_plane(viewer, image, "sagittal", run[-1])  # a twin: the preview shows the copied bodies
+    viewer.reset_view()
+    shots.only("Interpolate between painted slices")
+    shots.take("09-interpolate.png")
+    interpolate._remove_preview()
+    shots.only(None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
@@ -107,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--demo-steps", type=int, default=2000)
     parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--only", choices=["interpolate"], help="take only this screenshot")
     args = parser.parse_args(argv)
 
     models, config = args.cache / "models", args.cache / "config"
@@ -138,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         image = layers[0]
         viewer.dims.set_point(0, image.translate[0] + image.scale[0] * (image.data.shape[0] // 2))
         viewer.reset_view()
-        shots.take("01-open-study.png")
+        if args.only is None:
+            shots.take("01-open-study.png")
+        interpolate_shot(viewer, shots, image, real, model)
         viewer.layers.clear()
+    if args.only is not None:
+        viewer.close()
+        return 0
 
     # 2. Segment the sample study.
     viewer.open_sample(PLUGIN, "lumbar-phantom-t1")
