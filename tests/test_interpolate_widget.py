@@ -189,3 +189,29 @@ def test_on_a_study_resampled_from_thick_slices_a_painted_slice_fills_its_twins(
     widget.twins_check.setChecked(False)  # the annotator can turn the copies off
     widget.preview(sync=True)
     assert widget.change is None and "nothing to fill" in widget.status.text()
+
+
+def test_review_proposes_one_slice_per_run_of_resampled_slices(setup, phantom) -> None:
+    from napari_spineseg._napari_layers import GEOMETRY_KEY, image_layer_data
+    from napari_spineseg.widgets._layer_data import RESULT_KEY
+    from test_resampled import STEP, thick_then_resampled
+
+    viewer, _, layer, disc, _, _ = setup
+    image = phantom.image.with_array(thick_then_resampled(phantom.image.array))
+    data, kwargs, _ = image_layer_data(image)
+    study = viewer.add_image(data, **kwargs)
+    layer.data = np.where(disc, INTERVERTEBRAL_DISC, 0).astype(layer.data.dtype)
+    extent = np.flatnonzero(disc.any(axis=(1, 2)))
+    acquired = int(next(s for s in extent if s % STEP == 0))
+    uncertainty = np.zeros(layer.data.shape, np.float32)
+    uncertainty[acquired][disc[acquired]] = 0.9  # the most uncertain slice is an acquired one
+    uncertainty[acquired + 2][disc[acquired + 2]] = 0.5  # the middle of the next run
+    meta = {GEOMETRY_KEY: layer.metadata[GEOMETRY_KEY], RESULT_KEY: {"kind": "uncertainty", "image": study.name}}
+    scale, translate = layer.scale, layer.translate
+    uncertainty_layer = viewer.add_image(uncertainty, name="map", scale=scale, translate=translate, metadata=meta)
+    _, review = viewer.window.add_plugin_dock_widget(PLUGIN, "Review segmentation")
+    review.labels_combo.set_layer(layer)
+    review.uncertainty_combo.set_layer(uncertainty_layer)
+    review.plane_combo.setCurrentText("sagittal")
+    assert review.next_uncertain_slice() == acquired + 2  # a correction there is copied to its run
+    assert "one proposal per acquired slice" in review.uncertainty_label.text()

@@ -68,7 +68,13 @@ def study_image(viewer: Any, layer: Any) -> np.ndarray | None:
     """The image ``layer`` was segmented from (by the Segment widget's record), else the only Image
     layer of the same shape; None when there is none or several candidates."""
     shape = tuple(layer.data.shape)
-    images = [la for la in viewer.layers if is_kind(la, "image") and tuple(getattr(la.data, "shape", ())) == shape]
+    images = [
+        la
+        for la in viewer.layers
+        if is_kind(la, "image")
+        and tuple(getattr(la.data, "shape", ())) == shape
+        and not (la.metadata or {}).get(RESULT_KEY)  # the plugin's own maps (uncertainty) are not studies
+    ]
     source = ((layer.metadata or {}).get(RESULT_KEY) or {}).get("image")
     named = [la for la in images if la.name == source]
     chosen = named or images

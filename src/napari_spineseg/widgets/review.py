@@ -159,7 +159,8 @@ class ReviewWidget(QWidget):
         self._measured: Any = None  # the last LabelReview as measured (before level names)
         self.comparison: list = []
         self.exported: Path | None = None
-        self._ranking: dict[tuple[Any, str], tuple[np.ndarray, np.ndarray, int]] = {}
+        # (scores, order, next position, study resampled from thicker slices) per layer, plane and anatomy
+        self._ranking: dict[tuple[Any, str], tuple[np.ndarray, np.ndarray, int, bool]] = {}
 
         self.labels_combo = LayerCombo(napari_viewer, "labels", self)
         self.refresh_button = QPushButton("Measure", self)
@@ -458,16 +459,18 @@ class ReviewWidget(QWidget):
             mask = None if anatomy is None else np.asarray(anatomy.data)
             runs = self._resampled_runs(layer, axis)
             order, scores = rank_uncertain_slices(np.asarray(layer.data), axis, mask, margin, gap, runs)
-            cached = (scores, order, 0)
-        scores, order, position = cached
+            cached = (scores, order, 0, bool(runs))
+        scores, order, position, resampled = cached
         if not len(order):
             notify_error(f"{anatomy.name} is empty: nothing to rank")
             return None
         index = int(order[position % len(order)])
-        self._ranking[key] = (scores, order, position + 1)
+        self._ranking[key] = (scores, order, position + 1, resampled)
         show_plane(self.viewer, layer, plane, index)
         rank = position % len(order) + 1
         where = f"inside {anatomy.name} (+{ANATOMY_MARGIN_MM:g} mm)" if anatomy is not None else "whole field of view"
+        if resampled:
+            where += "; the study was resampled from thicker slices: one proposal per acquired slice"
         self.uncertainty_label.setText(
             f"{plane} slice {index} — rank {rank} of {len(order)}, mean uncertainty {scores[index]:.3f} ({where})"
         )
