@@ -64,7 +64,7 @@ def unique_layer_name(viewer: Any, base: str) -> str:
     return f"{base} [{number}]"
 
 
-def study_image(viewer: Any, layer: Any) -> np.ndarray | None:
+def study_image(viewer: Any, layer: Any) -> Any:
     """The image ``layer`` was segmented from (by the Segment widget's record), else the only Image
     layer of the same shape; None when there is none or several candidates."""
     shape = tuple(layer.data.shape)
@@ -78,4 +78,4 @@ def study_image(viewer: Any, layer: Any) -> np.ndarray | None:
     source = ((layer.metadata or {}).get(RESULT_KEY) or {}).get("image")
     named = [la for la in images if la.name == source]
     chosen = named or images
-    return np.asarray(chosen[0].data) if len(chosen) == 1 else None
+    return chosen[0].data if len(chosen) == 1 else None  # array-like: read where it is used (e.g. in a worker)
