@@ -81,3 +81,25 @@ def viewer(make_napari_viewer, phantom):
     data, kwargs, _ = image_layer_data(phantom.image)
     viewer.add_image(data, **kwargs)
     return viewer
+
+
+def interpolation_viewer(make_napari_viewer, study):
+    """A viewer with an empty Labels layer on ``study``'s grid and the Interpolate widget on it (sagittal),
+    and the study's largest disc to paint: ``(viewer, widget, layer, disc mask, a middle disc slice)``."""
+    import numpy as np
+    from scipy import ndimage
+
+    from napari_spineseg._napari_layers import labels_layer_data
+    from napari_spineseg.schema import INTERVERTEBRAL_DISC
+
+    disc = study.labels.array == INTERVERTEBRAL_DISC
+    parts, count = ndimage.label(disc)
+    disc = parts == int(np.argmax(ndimage.sum_labels(disc, parts, range(1, count + 1)))) + 1
+    extent = np.flatnonzero(disc.any(axis=(1, 2)))  # sagittal slices are stacked along axis 0 (PIR)
+    viewer = make_napari_viewer()
+    data, kwargs, _ = labels_layer_data(study.labels.with_array(np.zeros_like(study.labels.array)))
+    layer = viewer.add_labels(data, **kwargs)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-spineseg", "Interpolate between painted slices")
+    widget.labels_combo.set_layer(layer)
+    widget.plane_combo.setCurrentText("sagittal")
+    return viewer, widget, layer, disc, int(extent[len(extent) // 2 - 2])

@@ -9,10 +9,9 @@ import hashlib
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from conftest import requires_display
-from napari_spineseg._napari_layers import labels_layer_data
+from gui_fixtures import interpolation_viewer
 from napari_spineseg.phantom import make_phantom
 from napari_spineseg.schema import INTERVERTEBRAL_DISC
 
@@ -33,17 +32,7 @@ def phantom():
 @pytest.fixture
 def setup(make_napari_viewer, phantom):
     """A viewer with an empty Labels layer on the phantom's grid, the widget, and the disc to paint."""
-    disc = phantom.labels.array == INTERVERTEBRAL_DISC
-    parts, count = ndimage.label(disc)
-    disc = parts == int(np.argmax(ndimage.sum_labels(disc, parts, range(1, count + 1)))) + 1
-    extent = np.flatnonzero(disc.any(axis=(1, 2)))  # sagittal slices are stacked along axis 0 (PIR)
-    a = int(extent[len(extent) // 2 - 2])
-    viewer = make_napari_viewer()
-    data, kwargs, _ = labels_layer_data(phantom.labels.with_array(np.zeros_like(phantom.labels.array)))
-    layer = viewer.add_labels(data, **kwargs)
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Interpolate between painted slices")
-    widget.labels_combo.set_layer(layer)
-    widget.plane_combo.setCurrentText("sagittal")
+    viewer, widget, layer, disc, a = interpolation_viewer(make_napari_viewer, phantom)
     return viewer, widget, layer, disc, a, a + 5
 
 

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 import gui_fixtures
 from conftest import requires_display
@@ -48,17 +47,7 @@ def _stall_of(qtbot, call, settle_ms: int = 300) -> StallProbe:
 
 def test_interpolation_preview_and_apply_stalls(make_napari_viewer, qtbot) -> None:
     study = make_phantom(size=(128, 128, 48), spacing=(1.5, 1.5, 1.5), lesions=0)
-    disc = study.labels.array == INTERVERTEBRAL_DISC
-    parts, count = ndimage.label(disc)
-    disc = parts == int(np.argmax(ndimage.sum_labels(disc, parts, range(1, count + 1)))) + 1
-    extent = np.flatnonzero(disc.any(axis=(1, 2)))
-    a = int(extent[len(extent) // 2 - 2])
-    viewer = make_napari_viewer()
-    data, kwargs, _ = labels_layer_data(study.labels.with_array(np.zeros_like(study.labels.array)))
-    layer = viewer.add_labels(data, **kwargs)
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Interpolate between painted slices")
-    widget.labels_combo.set_layer(layer)
-    widget.plane_combo.setCurrentText("sagittal")
+    _, widget, layer, disc, a = gui_fixtures.interpolation_viewer(make_napari_viewer, study)
     for k in (a, a + 5):
         where = np.nonzero(disc[k])
         layer.data_setitem((np.full(where[0].size, k), *where), INTERVERTEBRAL_DISC)
