@@ -35,7 +35,7 @@ from napari_spineseg.training import (
 )
 from napari_spineseg.training.data import load_case
 from napari_spineseg.training.datasets import PatchDataset, SliceDataset
-from napari_spineseg.training.loop import build_training_dataset, load_resume_state, resume_path_for
+from napari_spineseg.training.loop import _build_network, build_training_dataset, load_resume_state, resume_path_for
 from napari_spineseg.volume import Volume
 
 TINY = {"size": (64, 64, 8), "spacing": (3.0, 3.0, 6.0)}
@@ -448,3 +448,39 @@ def test_no_pickle_files_are_written(phantom, tmp_path):
     list(train(tiny_config(steps=2, output=tmp_path / "m.safetensors", log_csv=tmp_path / "l.csv"), [phantom]))
     names = sorted(p.name for p in Path(tmp_path).iterdir())
     assert names == ["l.csv", "m.resume.safetensors", "m.safetensors"]
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return load_model(path).network.state_dict()
+
+
+def test_weight_average_is_what_is_validated_and_saved(phantom, tmp_path):
+    """With ``ema_decay`` the saved model is decay·start + (1 - decay)·stepped, batch-norm statistics included."""
+    start = _build_network(tiny_config())
+    start_state = {k: v.clone() for k, v in start.state_dict().items()}
+    output = tmp_path / "m.safetensors"
+    list(train(tiny_config(steps=1, val_every=1, ema_decay=0.9, output=output), [phantom], network=start))
+    stepped, _, state = load_resume_state(resume_path_for(output))
+    saved = _weights(output)
+    assert set(state["averaged_weights"]) == set(saved)
+    moved = 0
+    for name, value in saved.items():
+        if not value.dtype.is_floating_point:
+            assert torch.equal(value, stepped[name])
+            continue
+        expected = 0.9 * start_state[name] + 0.1 * stepped[name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(stepped[name], start_state[name]))
+    assert moved > 0  # the step changed the raw weights, so the comparison has teeth
+
+
+def test_weight_average_survives_a_resume(phantom, tmp_path):
+    straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
+    list(train(tiny_config(steps=4, ema_decay=0.8, output=straight, seed=3), [phantom]))
+    list(train(tiny_config(steps=2, ema_decay=0.8, output=split, seed=3), [phantom]))
+    resume = resume_path_for(split)
+    list(train(tiny_config(steps=4, ema_decay=0.8, output=split, seed=3, resume=resume), [phantom]))
+    for name, value in _weights(straight).items():
+        torch.testing.assert_close(_weights(split)[name], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="ema_decay"):
+        tiny_config(ema_decay=1.0)

@@ -40,6 +40,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     parser.add_argument("--val-every", type=int, default=None, help="steps between validations/checkpoints")
     parser.add_argument("--crop", type=int, default=None, help="training crop size in pixels")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="validate and save a moving average of the weights (e.g. 0.999; 0: off; default: the recipe's)",
+    )
     parser.add_argument("--planes", default=None, help="comma-separated planes (default: the recipe's)")
     parser.add_argument("--phantoms", type=int, default=None, help="synthetic phantoms added to training")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
@@ -82,6 +89,7 @@ def prepare_run(args: argparse.Namespace):
         "lr": args.lr,
         "val_every": args.val_every,
         "crop_size": args.crop,
+        "ema_decay": getattr(args, "ema", None),
         "model_name": args.name,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -95,6 +95,10 @@ class TrainConfig:
     min_delta: float = 1e-4
     mixed_precision: str = "auto"  # auto | off | bf16 | fp16
     grad_clip: float | None = 5.0
+    # Exponential moving average of the weights (0: off).  When on, validation, the best model and
+    # the saved file use the averaged weights (batch-norm statistics averaged alike); the optimizer
+    # keeps stepping the raw weights.  0.999 averages over roughly the last thousand steps.
+    ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
     num_workers: int | str = 0  # data loader worker processes; "auto": sized to the machine (runtime.auto_workers)
@@ -138,6 +142,8 @@ class TrainConfig:
             raise InputError("batch_size and val_every must be at least 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"learning rate must be positive, got {self.lr}")
+        if not 0.0 <= float(self.ema_decay) < 1.0:
+            raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= int(self.context_slices) <= 8:
             raise InputError(f"context_slices must be in 0..8, got {self.context_slices}")
         self.planes = [Plane(p).value for p in self.planes]
@@ -367,8 +373,10 @@ def _metadata(network, config: TrainConfig, training: dict[str, Any], metrics: d
     )
 
 
-def _save_resume(path: Path, network, optimizer, state: dict[str, Any]) -> None:
-    """Weights + optimizer tensors (safetensors) and the loop state (JSON header) in one atomic file."""
+def _save_resume(path: Path, network, optimizer, state: dict[str, Any], averaged=None) -> None:
+    """Weights + optimizer tensors (safetensors) and the loop state (JSON header) in one atomic file.
+
+    ``averaged``: the weight average's network (``ema/`` tensors), when the run keeps one."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -376,6 +384,8 @@ def _save_resume(path: Path, network, optimizer, state: dict[str, Any]) -> None:
     from ..io import atomic_path
 
     tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}
+    if averaged is not None:
+        tensors.update({f"ema/{k}": v.detach().cpu().contiguous().clone() for k, v in averaged.state_dict().items()})
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in opt["state"].items():
@@ -419,6 +429,7 @@ def load_resume_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     if record.get("format") != RESUME_FORMAT:
         raise ModelFileError(f"{path}: not a napari-spineseg resume checkpoint")
     model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    averaged = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")}
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -427,7 +438,10 @@ def load_resume_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     for pid, values in record.get("optimizer_scalars", {}).items():
         opt_state.setdefault(int(pid), {}).update(values)
     optimizer = {"state": opt_state, "param_groups": record["param_groups"]}
-    return model_state, optimizer, record["state"]
+    state = dict(record["state"])
+    if averaged:
+        state["averaged_weights"] = averaged  # tensors, not JSON: the weight average of the run
+    return model_state, optimizer, state
 
 
 def log_columns(class_names: Sequence[str]) -> list[str]:
@@ -643,9 +657,10 @@ class TrainingRun:
             group["lr_scale"] = float(group.get("lr_scale", 1.0))
         self.net = net
         self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.averaged = _weight_average(net, config.ema_decay)
         if config.resume is not None:
             self._resume()
-        self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+        self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.weights.state_dict().items()})
         self.model: Any = net
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -665,6 +680,9 @@ class TrainingRun:
             self.optimizer.load_state_dict(opt_state)
         except (RuntimeError, ValueError, KeyError) as error:
             raise InputError(f"{config.resume}: checkpoint does not match this network ({error})") from None
+        averaged = state.get("averaged_weights")
+        if self.averaged is not None:  # a checkpoint without an average (EMA newly on) starts it from the weights
+            self.averaged.load_state_dict(averaged if averaged else net.state_dict(), strict=True)
         self.step_count = int(state["step"])
         self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
         self.history = list(state.get("history", []))
@@ -708,6 +726,11 @@ class TrainingRun:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+    @property
+    def weights(self):
+        """The network that is validated and saved: the weight average when the run keeps one."""
+        return self.averaged if self.averaged is not None else self.net
 
     def loop_state(self) -> dict[str, Any]:
         """What a resume checkpoint records besides the tensors."""
@@ -776,6 +799,8 @@ class TrainingRun:
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
             optimizer.step()
+        if self.averaged is not None:
+            _update_average(self.averaged, net, self.config.ema_decay)
         self.step_count += 1
         return float(loss.detach()), lr
 
@@ -786,7 +811,7 @@ class TrainingRun:
         improved = score is None or self.best_score is None or score > self.best_score + self.config.min_delta
         if improved:  # no validation data (score None): the latest weights are the best we know
             self.best_score, self.best_step, self.bad_validations = score, self.step_count, 0
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.weights.state_dict().items()}
         else:
             self.bad_validations += 1
         return improved
@@ -797,7 +822,7 @@ class TrainingRun:
         t0 = time.perf_counter()
         means: dict[int, float] = {}
         if self.val_cases and self.main:
-            means, _ = validate(self.net, config, self.val_cases, self.device, self.precision)
+            means, _ = validate(self.weights, config, self.val_cases, self.device, self.precision)
         score = float(np.mean(list(means.values()))) if means else None
         improved = self.keep_best(score)
         named = {config.classes[v].name: round(d, 5) for v, d in means.items()}
@@ -826,12 +851,12 @@ class TrainingRun:
         if self.output is None:
             return None
         record = {**self.training_record, "steps": self.step_count, "best_step": self.step_count, "finished": None}
-        return save_model(self.net, _metadata(self.net, self.config, record, metrics), self.output)
+        return save_model(self.weights, _metadata(self.weights, self.config, record, metrics), self.output)
 
     def checkpoint(self) -> None:
         """Write the resume checkpoint (weights, optimizer, loop state)."""
         if self.resume_out is not None:
-            _save_resume(self.resume_out, self.net, self.optimizer, self.loop_state())
+            _save_resume(self.resume_out, self.net, self.optimizer, self.loop_state(), self.averaged)
 
     def after_validation(self, event: TrainEvent, improved: bool, epoch: int) -> Generator[TrainEvent, None, None]:
         """Rank 0: save an improved model (yielding a ``checkpoint`` event), then the resume checkpoint."""
@@ -940,6 +965,29 @@ class TrainingRun:
             # Closed, cancelled, interrupted or failed: every file was written atomically (temp file +
             # rename), so the model, the resume checkpoint and the CSV are each either old or new, never partial.
             logger.debug("training generator left at step %d of %d", self.step_count, getattr(self, "total_steps", 0))
+
+
+def _weight_average(network, decay: float):
+    """A copy of ``network`` that will hold the exponential moving average of its weights (None when off)."""
+    if not decay:
+        return None
+    averaged = copy.deepcopy(network)
+    for parameter in averaged.parameters():
+        parameter.requires_grad_(False)
+    return averaged
+
+
+def _update_average(averaged, network, decay: float) -> None:
+    """``averaged = decay * averaged + (1 - decay) * network`` for weights and float buffers (batch-norm
+    statistics); integer buffers (batch counts) are copied."""
+    import torch
+
+    with torch.no_grad():
+        for mine, theirs in zip(averaged.state_dict().values(), network.state_dict().values()):
+            if mine.dtype.is_floating_point:
+                mine.lerp_(theirs.detach(), 1.0 - decay)
+            else:
+                mine.copy_(theirs)
 
 
 def _broadcast_flag(flag: bool, world: int) -> bool:
