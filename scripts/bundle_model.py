@@ -49,6 +49,15 @@ def main() -> None:
         "--test-time-mirror", action="store_true", help="the model asks for the test-time left-right mirror"
     )
     parser.add_argument("--description", default=None)
+    parser.add_argument(
+        "--estimate",
+        type=Path,
+        default=None,
+        metavar="SUMMARY",
+        help="summary JSON of the last version that never saw the patients this one was also trained on: "
+        "stored as metrics.held_out_estimate (a final model trained on more patients)",
+    )
+    parser.add_argument("--estimate-from", default=None, help="which version the estimate is of, e.g. 'version 5'")
     args = parser.parse_args()
 
     trained = load_model(args.trained)
@@ -72,6 +81,13 @@ def main() -> None:
         held_out_cases=cases,
         evaluation=previous.metrics.get("evaluation", "scripts/evaluate_model.py"),
     )
+    if args.estimate is not None:
+        estimate, estimate_cases = held_out_figures(args.estimate)
+        metrics.update(
+            held_out_estimate=estimate,
+            held_out_estimate_cases=estimate_cases,
+            held_out_estimate_from=args.estimate_from or "an earlier version",
+        )
     extra = dict(trained.metadata.extra)
     if args.test_time_mirror:
         extra["inference"] = {**(extra.get("inference") or {}), "test_time_mirror": True}
