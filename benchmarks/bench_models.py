@@ -6,7 +6,8 @@
 For each model (a bundled name or a ``.safetensors`` path) and each inference variant (``plain``:
 the three planes as they are; ``mirror``: plus the test-time left-right mirror; ``model``: what
 the model file asks for), it segments the held-out validation cases recorded in the model file
-(split by patient: VB3-01/02/04/05, VB1 patient P06 = cases 06/07/08, IVD-11), with the model's
+(split by patient; version 5: VB3-01/02/04/05, VB1 patient P06 = cases 06/07/08, IVD-11; version 6,
+trained on more patients: the sentinels VB3-01/05; ``--cases`` chooses others), with the model's
 post-processing, and reports the mean Dice per dataset inside the labelled superior–inferior span
 (the model card's protocol).  It also times three planes of a 224×224×77 study on this machine's
 CPU (and on CUDA when present).  Writes ``benchmarks/results/models.csv`` (one row per case) and
