@@ -481,7 +481,16 @@ def _rows(header: Sequence[str], rows: Sequence[Sequence[tuple[str, bool]]]) -> 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_METRIC_NAMES = {"val_dice": "Dice", "val_mean_dice": "mean Dice", "step": "at training step"}
+_METRIC_NAMES = {
+    "val_dice": "Dice",
+    "val_mean_dice": "mean Dice",
+    "step": "at training step",
+    "held_out_fused": "held-out studies (three planes fused, post-processed)",
+    "held_out_cases": "held-out studies",
+    "held_out_estimate": "estimate where this version has no held-out study (an earlier version's held-out figures)",
+    "held_out_estimate_cases": "studies of the estimate",
+    "held_out_estimate_from": "estimate from",
+}
 
 
 _COLUMN_NAMES = {
