@@ -43,14 +43,6 @@ DATA = ROOT.parent / "shared" / "data" / "lumbar-mri"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def held_out_cases(model_name: str = "spineseg-default") -> set[str]:
-    """The studies the bundled model never trained on (its recorded validation cases)."""
-    from napari_spineseg.modelfile import read_metadata, resolve_model
-
-    training = read_metadata(resolve_model(model_name)).training or {}
-    return set(training.get("val_cases") or [])
-
-
 def expected_value(dataset: str, label: int) -> int | None:
     """The level value of a ground-truth label: VB3 1..5 = L1..L5, IVD 1..5 = L5/S1..L1/L2."""
     if dataset == "VB3":
@@ -124,8 +116,7 @@ def main() -> int:
     from napari_spineseg.inference import Predictor, SegmentationSettings
 
     predictor = Predictor(SegmentationSettings(device="cpu"))
-    predictor.load("spineseg-default")
-    held_out = held_out_cases()
+    held_out = set(predictor.load("spineseg-default").metadata.validation_cases)
     rows = []
     for dataset in ("VB3", "IVD", "VB1"):
         for seg_path in sorted((data / dataset).glob("*_seg.nii.gz")):

@@ -37,12 +37,6 @@ DATASETS = ("VB3", "VB1", "IVD")
 PIR = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # the lumbar data's storage orientation
 
 
-def held_out_cases(metadata) -> list[str]:
-    training = metadata.training or {}
-    split = training.get("split") or {}
-    return list(training.get("val_cases") or training.get("validation_cases") or split.get("val_cases") or [])
-
-
 def settings_for(variant: str, device: str = "cpu") -> SegmentationSettings:
     mirror = {"plain": False, "mirror": True, "model": None}[variant]
     return SegmentationSettings(device=device, test_time_mirror=mirror)
@@ -120,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for model_name in args.models.split(","):
         model = load_model(model_name)
-        ids = args.cases.split(",") if args.cases else held_out_cases(model.metadata)
+        ids = args.cases.split(",") if args.cases else model.metadata.validation_cases
         if args.quick:
             ids = [next(i for i in ids if i.startswith(d)) for d in DATASETS if any(i.startswith(d) for i in ids)]
         cases = load_lumbar_dataset(args.data, cases=ids)

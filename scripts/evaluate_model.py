@@ -31,15 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def validation_ids(metadata) -> list[str]:
-    training = metadata.training or {}
-    for key in ("val_cases", "validation_cases"):
-        if training.get(key):
-            return list(training[key])
-    split = training.get("split") or {}
-    return list(split.get("val_cases") or [])
-
-
 def evaluate_case(predictors: dict[str, Predictor], case, surface: bool = True) -> list[dict]:
     rows = []
     truth = case.evaluation_labels()
@@ -111,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     data = Path(args.data)
     model = load_model(args.model)
-    ids = args.cases.split(",") if args.cases else validation_ids(model.metadata)
+    ids = args.cases.split(",") if args.cases else model.metadata.validation_cases
     if not ids:
         raise SystemExit("the model records no validation cases; pass --cases")
     cases = load_lumbar_dataset(data / "lumbar-mri", cases=ids)

@@ -33,6 +33,8 @@ def test_bundled_model_exists_and_metadata_matches_schema(name: str) -> None:
         metadata.training.get("recipe") == "default" or metadata.training.get("config", {}).get("recipe") == "default"
     )
     assert metadata.metrics.get("held_out_fused")  # the card's figures travel in the file
+    # the card check below segments VB3-01: it must be a study the model never trained on
+    assert "VB3-01" in metadata.validation_cases and "VB3-01" not in metadata.training["train_cases"]
     assert bool((metadata.extra.get("inference") or {}).get("test_time_mirror")) == (name == ACCURATE_MODEL_NAME)
 
 

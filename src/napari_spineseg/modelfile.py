@@ -98,6 +98,13 @@ class ModelMetadata:
     def class_values(self) -> list[int]:
         return [c.value for c in self.classes]
 
+    @property
+    def validation_cases(self) -> list[str]:
+        """The held-out case ids the training run recorded (none for a model without that record)."""
+        training = self.training or {}
+        split = training.get("split") or {}
+        return list(training.get("val_cases") or training.get("validation_cases") or split.get("val_cases") or [])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
